@@ -1,0 +1,294 @@
+"""Checkpoint loading: safetensors (single file or sharded), both tensor namings, FP8 block
+weights and MXFP4 experts.
+
+Names are normalised to DeepSeek's official spelling (``embed.weight``, ``layers.N.attn.wq_a.weight``,
+``layers.N.ffn.experts.E.w1.weight`` …). transformers' files (``model.layers.N.…``,
+``model.embed_tokens.weight``, ``model.hc_head.hc_fn``, ``layers.N.attn.norm`` for kv_norm) and
+its in-memory module names (``self_attn.q_a_proj`` …, merged ``experts.gate_up_proj``) are
+mapped onto it. Missing or unexpected tensors fail with the list of names; ``mtp.*`` tensors
+(the multi-token-prediction head, which we do not run) are skipped and logged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from engine.model.deepseek_v4 import DeepseekV4
+from engine.model.layers import Linear
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+# ---- naming ---------------------------------------------------------------------------------
+_EXACT = {
+    "embed_tokens.weight": "embed.weight",
+    "lm_head.weight": "head.weight",
+    "hc_head.hc_fn": "hc_head_fn",
+    "hc_head.hc_base": "hc_head_base",
+    "hc_head.hc_scale": "hc_head_scale",
+}
+# transformers' module names → official leaf names (spec §2.4, applied in this order).
+_PATTERNS = [
+    (r"\.weight_scale_inv$", ".scale"),
+    (r"^(layers\.\d+)\.attn\.norm\.", r"\1.attn.kv_norm."),
+    (r"\.self_attn\.compressor\.indexer\.kv_proj\.", ".attn.indexer.compressor.wkv."),
+    (r"\.self_attn\.compressor\.indexer\.gate_proj\.", ".attn.indexer.compressor.wgate."),
+    (r"\.self_attn\.compressor\.indexer\.kv_norm\.", ".attn.indexer.compressor.norm."),
+    (r"\.self_attn\.compressor\.indexer\.position_bias$", ".attn.indexer.compressor.ape"),
+    (r"\.self_attn\.compressor\.indexer\.scorer\.weights_proj\.", ".attn.indexer.weights_proj."),
+    (r"\.self_attn\.compressor\.indexer\.q_b_proj\.", ".attn.indexer.wq_b."),
+    (r"\.self_attn\.compressor\.kv_proj\.", ".attn.compressor.wkv."),
+    (r"\.self_attn\.compressor\.gate_proj\.", ".attn.compressor.wgate."),
+    (r"\.self_attn\.compressor\.kv_norm\.", ".attn.compressor.norm."),
+    (r"\.self_attn\.compressor\.position_bias$", ".attn.compressor.ape"),
+    (r"\.self_attn\.q_a_proj\.", ".attn.wq_a."),
+    (r"\.self_attn\.q_a_norm\.", ".attn.q_norm."),
+    (r"\.self_attn\.q_b_proj\.", ".attn.wq_b."),
+    (r"\.self_attn\.kv_proj\.", ".attn.wkv."),
+    (r"\.self_attn\.kv_norm\.", ".attn.kv_norm."),
+    (r"\.self_attn\.o_a_proj\.", ".attn.wo_a."),
+    (r"\.self_attn\.o_b_proj\.", ".attn.wo_b."),
+    (r"\.self_attn\.sinks$", ".attn.attn_sink"),
+    (r"\.input_layernorm\.", ".attn_norm."),
+    (r"\.post_attention_layernorm\.", ".ffn_norm."),
+    (r"\.attn_hc\.(fn|base|scale)$", r".hc_attn_\1"),
+    (r"\.ffn_hc\.(fn|base|scale)$", r".hc_ffn_\1"),
+    (r"\.mlp\.gate\.e_score_correction_bias$", ".ffn.gate.bias"),
+    (r"\.mlp\.shared_experts\.gate_proj\.", ".ffn.shared_experts.w1."),
+    (r"\.mlp\.shared_experts\.up_proj\.", ".ffn.shared_experts.w3."),
+    (r"\.mlp\.shared_experts\.down_proj\.", ".ffn.shared_experts.w2."),
+    (r"\.mlp\.", ".ffn."),
+]
+_MERGED_EXPERTS = re.compile(r"^(layers\.\d+)\.ffn\.experts\.(gate_up_proj|down_proj)$")
+
+
+def official_name(name: str) -> str:
+    n = name[len("model."):] if name.startswith("model.") else name
+    n = _EXACT.get(n, n)
+    for pat, rep in _PATTERNS:
+        n = re.sub(pat, rep, n)
+    return n
+
+
+# ---- checkpoint files -----------------------------------------------------------------------
+class CheckpointReader:
+    """Lazy access to the tensors of a single-file or sharded safetensors checkpoint."""
+
+    def __init__(self, model_dir: str):
+        index = os.path.join(model_dir, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+            if not files:
+                raise CheckpointError(f"no *.safetensors files in {model_dir!r}")
+        self._handles = {}
+        self.where: dict[str, tuple[str, str]] = {}  # official name -> (file, original name)
+        for fn in files:
+            path = os.path.join(model_dir, fn)
+            if not os.path.exists(path):
+                raise CheckpointError(f"checkpoint shard {fn!r} listed in the index is missing")
+            h = safe_open(path, framework="pt")
+            self._handles[fn] = h
+            for k in h.keys():
+                self.where[official_name(k)] = (fn, k)
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        fn, orig = self.where[name]
+        return self._handles[fn].get_tensor(orig)
+
+    def get_slice(self, name: str):
+        fn, orig = self.where[name]
+        return self._handles[fn].get_slice(orig)
+
+
+# ---- targets --------------------------------------------------------------------------------
+@dataclass
+class Target:
+    """Where an official tensor name goes in our module tree."""
+
+    setter: Callable[[torch.Tensor], None] | None = None  # plain tensors
+    linear: Linear | None = None  # weights (+ .scale when quantised)
+
+
+def _param_setter(param: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    def set_(t: torch.Tensor) -> None:
+        if tuple(t.shape) != tuple(param.shape):
+            raise CheckpointError(f"shape {tuple(t.shape)} does not match expected {tuple(param.shape)}")
+        param.data.copy_(t.to(param.dtype))
+    return set_
+
+
+def expected_tensors(model: DeepseekV4) -> dict[str, Target]:
+    """Every official tensor name the model needs, mapped to where it goes."""
+    t: dict[str, Target] = {
+        "embed.weight": Target(setter=_param_setter(model.embed)),
+        "head.weight": Target(setter=_param_setter(model.head)),
+        "norm.weight": Target(setter=_param_setter(model.norm.weight)),
+        "hc_head_fn": Target(setter=_param_setter(model.hc_head.fn)),
+        "hc_head_base": Target(setter=_param_setter(model.hc_head.base)),
+        "hc_head_scale": Target(setter=_param_setter(model.hc_head.scale)),
+    }
+    for i, blk in enumerate(model.layers):
+        p = f"layers.{i}."
+        t[p + "attn_norm.weight"] = Target(setter=_param_setter(blk.attn_norm.weight))
+        t[p + "ffn_norm.weight"] = Target(setter=_param_setter(blk.ffn_norm.weight))
+        for site, hc in (("attn", blk.hc_attn), ("ffn", blk.hc_ffn)):
+            for leaf in ("fn", "base", "scale"):
+                t[f"{p}hc_{site}_{leaf}"] = Target(setter=_param_setter(getattr(hc, leaf)))
+        a = blk.attn
+        for leaf in ("wq_a", "wq_b", "wkv", "wo_a", "wo_b"):
+            t[f"{p}attn.{leaf}.weight"] = Target(linear=getattr(a, leaf))
+        t[p + "attn.q_norm.weight"] = Target(setter=_param_setter(a.q_norm.weight))
+        t[p + "attn.kv_norm.weight"] = Target(setter=_param_setter(a.kv_norm.weight))
+        t[p + "attn.attn_sink"] = Target(setter=_param_setter(a.attn_sink))
+        comps = []
+        if a.compressor is not None:
+            comps.append(("attn.compressor.", a.compressor))
+        if a.indexer is not None:
+            comps.append(("attn.indexer.compressor.", a.indexer.compressor))
+            t[p + "attn.indexer.wq_b.weight"] = Target(linear=a.indexer.wq_b)
+            t[p + "attn.indexer.weights_proj.weight"] = Target(linear=a.indexer.weights_proj)
+        for prefix, c in comps:
+            t[p + prefix + "wkv.weight"] = Target(linear=c.wkv)
+            t[p + prefix + "wgate.weight"] = Target(linear=c.wgate)
+            t[p + prefix + "ape"] = Target(setter=_param_setter(c.ape))
+            t[p + prefix + "norm.weight"] = Target(setter=_param_setter(c.norm.weight))
+        f = blk.ffn
+        t[p + "ffn.gate.weight"] = Target(setter=_param_setter(f.gate_weight))
+        if f.is_hash:
+            t[p + "ffn.gate.tid2eid"] = Target(setter=_param_setter(f.tid2eid))
+        else:
+            t[p + "ffn.gate.bias"] = Target(setter=_param_setter(f.gate_bias))
+        for e, ex in f.experts.items():
+            for w in ("w1", "w2", "w3"):
+                t[f"{p}ffn.experts.{e}.{w}.weight"] = Target(linear=getattr(ex, w))
+        for w in ("w1", "w2", "w3"):
+            t[f"{p}ffn.shared_experts.{w}.weight"] = Target(linear=getattr(f.shared, w))
+    return t
+
+
+# ---- loading --------------------------------------------------------------------------------
+def _split_merged_experts(reader: CheckpointReader, names: set[str]) -> dict[str, torch.Tensor]:
+    """transformers' in-memory layout merges experts: gate_up_proj [E, 2I, D], down_proj [E, D, I]."""
+    out = {}
+    for n in list(names):
+        m = _MERGED_EXPERTS.match(n)
+        if not m:
+            continue
+        names.discard(n)
+        t = reader.get(n)
+        for e in range(t.shape[0]):
+            if m.group(2) == "gate_up_proj":
+                w1, w3 = t[e].chunk(2, dim=0)
+                out[f"{m.group(1)}.ffn.experts.{e}.w1.weight"] = w1.contiguous()
+                out[f"{m.group(1)}.ffn.experts.{e}.w3.weight"] = w3.contiguous()
+            else:
+                out[f"{m.group(1)}.ffn.experts.{e}.w2.weight"] = t[e].contiguous()
+    return out
+
+
+def load_weights(model: DeepseekV4, model_dir: str, keep_dense: bool = True,
+                 shard: Callable[[str, Target, CheckpointReader], torch.Tensor | None] | None = None) -> dict:
+    """Fill ``model`` from ``model_dir``. Returns a small report (counts, skipped names).
+
+    ``keep_dense`` dequantises FP8/FP4 weights once at load (fast on CPU); otherwise layers keep
+    the quantised tensors and dequantise per call (memory-lean, for kernels to consume).
+    ``shard`` (tensor parallel) may return the rank's slice of a plain tensor."""
+    reader = CheckpointReader(model_dir)
+    expected = expected_tensors(model)
+    present = set(reader.names())
+    mtp = sorted(n for n in present if n.startswith("mtp."))
+    present -= set(mtp)
+    if mtp:
+        log.info("skipping %d multi-token-prediction tensors (mtp.*): not used for serving", len(mtp))
+    merged = _split_merged_experts(reader, present)
+    scales = {n for n in present if n.endswith(".scale")}
+    present -= scales
+    # A rank under expert parallelism legitimately ignores other ranks' experts.
+    present = {n for n in present if not _foreign_expert(n, model)}
+    missing = sorted(set(expected) - present - set(merged))
+    unexpected = sorted(present - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors ({len(missing)}): {', '.join(missing[:20])}" + (" …" if len(missing) > 20 else ""))
+        if unexpected:
+            parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:20])}"
+                         + (" …" if len(unexpected) > 20 else ""))
+        raise CheckpointError(f"checkpoint {model_dir!r} does not match the model config: " + "; ".join(parts))
+    unused_scales = sorted(s for s in scales if s[: -len(".scale")] + ".weight" not in expected
+                           and not _foreign_expert(s, model))
+    if unused_scales:
+        raise CheckpointError(f"unexpected tensors: scales without weights: {unused_scales[:20]}")
+
+    n_quant = 0
+    for name, target in expected.items():
+        try:
+            tensor = merged[name] if name in merged else None
+            if target.linear is not None:
+                scale_name = name[: -len(".weight")] + ".scale"
+                if tensor is None and shard is not None:
+                    tensor = shard(name, target, reader)
+                if tensor is None:
+                    tensor = reader.get(name)
+                scale = reader.get(scale_name) if scale_name in scales and name not in merged else None
+                if shard is not None and scale is not None:
+                    scale = shard(scale_name, target, reader)
+                _load_linear(target.linear, tensor, scale, keep_dense, name)
+                n_quant += scale is not None
+            else:
+                if tensor is None and shard is not None:
+                    tensor = shard(name, target, reader)
+                target.setter(reader.get(name) if tensor is None else tensor)
+        except CheckpointError as e:
+            raise CheckpointError(f"{name}: {e}") from None
+    return {"tensors": len(expected), "quantized": n_quant, "skipped_mtp": len(mtp)}
+
+
+_EXPERT = re.compile(r"^layers\.\d+\.ffn\.experts\.(\d+)\.")
+
+
+def _foreign_expert(name: str, model: DeepseekV4) -> bool:
+    """An expert tensor that belongs to another expert-parallel rank."""
+    m = _EXPERT.match(name)
+    if not m or not model.layers:
+        return False
+    ffn = model.layers[0].ffn
+    e = int(m.group(1))
+    return e < model.cfg.n_routed_experts and not (ffn.expert_start <= e < ffn.expert_end)
+
+
+def _load_linear(lin: Linear, w: torch.Tensor, scale: torch.Tensor | None, keep_dense: bool, name: str) -> None:
+    if scale is None:
+        if w.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8):
+            raise CheckpointError(f"quantised weight ({w.dtype}) has no .scale tensor")
+        if tuple(w.shape) != (lin.out_features, lin.in_features):
+            raise CheckpointError(f"shape {tuple(w.shape)} does not match expected {(lin.out_features, lin.in_features)}")
+        lin.dense.data = w.to(lin.dense.dtype)
+        return
+    if w.dtype == torch.float8_e4m3fn:
+        fmt, logical = "fp8", tuple(w.shape)
+    elif w.dtype in (torch.int8, torch.uint8):
+        fmt, logical = "fp4", (w.shape[0], w.shape[1] * 2)
+    else:
+        raise CheckpointError(f"weight dtype {w.dtype} with a .scale is not a supported quantised format")
+    if logical != (lin.out_features, lin.in_features):
+        raise CheckpointError(f"shape {logical} does not match expected {(lin.out_features, lin.in_features)}")
+    lin.set_quantized(w, scale, fmt, keep_dense)

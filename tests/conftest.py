@@ -1,0 +1,37 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The official-layout tiny checkpoint `dsv4 make-tiny` writes (seed 0)."""
+    from engine.make_tiny import make_tiny
+
+    d = tmp_path_factory.mktemp("tiny")
+    make_tiny(str(d), seed=0)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tiny_dir, tmp_path_factory):
+    """The same weights dequantised for transformers."""
+    from hf_reference import official_to_hf_dir
+
+    return official_to_hf_dir(tiny_dir, str(tmp_path_factory.mktemp("tiny_hf")))
+
+
+@pytest.fixture(scope="session")
+def hf_saved_dirs(tmp_path_factory):
+    """Checkpoints written by transformers' save_pretrained for configs A and B."""
+    from hf_reference import build_hf_model
+
+    dirs = {}
+    for name in ("A", "B"):
+        d = str(tmp_path_factory.mktemp(f"hf_{name}"))
+        build_hf_model(name, seed=3).save_pretrained(d)
+        dirs[name] = d
+    return dirs
