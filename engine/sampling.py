@@ -1,0 +1,258 @@
+"""Sampling: per-request `SamplingParams` and the batched `Sampler`.
+
+The sampler turns one row of logits per request into one token id (greedy, temperature, top-k,
+top-p, per-request seed) plus optional logprobs. It knows nothing about text: stop strings are
+matched by `engine/detokenizer.py`, stop token ids and lengths by the scheduler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_TEMPERATURE = 2.0
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one request, and when to stop.
+
+    `top_k` of -1 or 0 and `top_p` of 1.0 switch those filters off; `temperature` 0 means greedy.
+    `logprobs=None` returns no logprobs; `logprobs=N` returns the sampled token's logprob plus the
+    N most likely tokens (N in 0..20).
+    """
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        # Normalise first so that validation sees the final shape.
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._validate()
+
+    def _validate(self) -> None:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_number(self.temperature) or not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be in [0, {MAX_TEMPERATURE}], got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= -1 (-1 or 0 = off), got {self.top_k!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.logprobs is not None and (
+                not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(
+                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                f"got {self.min_tokens!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(
+                f"stop accepts at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(
+                f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def top_k_active(self) -> bool:
+        return self.top_k > 0
+
+    @property
+    def top_p_active(self) -> bool:
+        return self.top_p < 1.0
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator for one seeded request; create it once per request and reuse it every step.
+
+    `device` must be the device of the logits the request will be sampled from.
+    """
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    generator = torch.Generator(device=device)
+    # torch accepts seeds in [0, 2**64); fold any user integer (negative, huge) into that range.
+    generator.manual_seed(seed % (1 << 64))
+    return generator
+
+
+@dataclass
+class SamplerOutput:
+    """One entry per batch row.
+
+    `logprobs[i]` is the sampled token's logprob and `top_logprobs[i]` the `params[i].logprobs`
+    most likely `(token_id, logprob)` pairs, most likely first; both are None for rows that did not
+    ask. Logprobs are "raw": log_softmax of the model's logits, before temperature/top-k/top-p
+    (the OpenAI and vLLM default), so they do not depend on the sampling settings.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None]
+
+
+class Sampler:
+    """Batched sampler. Greedy rows take the argmax; random rows race exponentials.
+
+    Sampling a token with probability p_i is done as argmax_i(p_i / q_i) with q_i ~ Exp(1)
+    (the exponential race, equivalent to Gumbel-max). Each seeded row draws its q from its own
+    generator, one draw of V values per step, so its tokens do not depend on its neighbours or
+    its position in the batch. Unseeded rows share one generator owned by the sampler.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._shared_seed = seed
+        self._shared_generators: dict[torch.device, torch.Generator] = {}
+
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
+               generators: list[torch.Generator | None]) -> SamplerOutput:
+        """logits: [B, V] float (one row per request); params, generators: length B.
+
+        `generators[i]` is the request's own generator (from `make_generator`) when it has a seed,
+        else None.
+        """
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be 2-D [batch, vocab], got shape {tuple(logits.shape)}")
+        num_rows = logits.shape[0]
+        if len(params) != num_rows:
+            raise ValueError(f"params has {len(params)} entries for {num_rows} logits rows")
+        if len(generators) != num_rows:
+            raise ValueError(f"generators has {len(generators)} entries for {num_rows} logits rows")
+        logits = logits.float()
+        token_ids = torch.empty(num_rows, dtype=torch.long, device=logits.device)
+
+        greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if greedy_rows:
+            idx = torch.tensor(greedy_rows, device=logits.device)
+            # torch.argmax returns the first maximal index: ties go to the lowest token id.
+            token_ids[idx] = logits[idx].argmax(dim=-1)
+        if random_rows:
+            idx = torch.tensor(random_rows, device=logits.device)
+            rows_params = [params[i] for i in random_rows]
+            probs = _filtered_probs(logits[idx], rows_params)
+            noise = self._exponential_noise(
+                probs.shape, [generators[i] for i in random_rows], logits.device)
+            token_ids[idx] = (probs / noise).argmax(dim=-1)
+
+        logprobs, top_logprobs = _gather_logprobs(logits, token_ids, params)
+        return SamplerOutput(token_ids.tolist(), logprobs, top_logprobs)
+
+    def _exponential_noise(self, shape: torch.Size, generators: list[torch.Generator | None],
+                           device: torch.device) -> torch.Tensor:
+        """[R, V] of Exp(1): own-generator rows drawn one by one, the rest in one shared draw."""
+        noise = torch.empty(shape, dtype=torch.float32, device=device)
+        shared_rows = [r for r, g in enumerate(generators) if g is None]
+        if shared_rows:
+            shared = torch.empty((len(shared_rows), shape[1]), dtype=torch.float32, device=device)
+            shared.exponential_(generator=self._shared_generator(device))
+            noise[torch.tensor(shared_rows, device=device)] = shared
+        for row, generator in enumerate(generators):
+            if generator is not None:
+                noise[row].exponential_(generator=generator)
+        # NOTE: a draw of exactly 0 would turn a filtered token's 0/0 into NaN, which argmax picks.
+        return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        device = torch.device(device)
+        if device not in self._shared_generators:
+            generator = torch.Generator(device=device)
+            if self._shared_seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(self._shared_seed % (1 << 64))
+            self._shared_generators[device] = generator
+        return self._shared_generators[device]
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits [R, V] → probabilities [R, V] after temperature, then top-k, then top-p.
+
+    Filters run on one stable descending sort shared by the batch, so among equal logits the
+    lower token id ranks first. Rows with a filter switched off get an always-true mask.
+    """
+    num_rows, vocab_size = logits.shape
+    device = logits.device
+    temperatures = torch.tensor([p.temperature for p in params], device=device)
+    scaled = logits / temperatures.unsqueeze(1)
+
+    use_top_k = any(p.top_k_active for p in params)
+    use_top_p = any(p.top_p_active for p in params)
+    if use_top_k or use_top_p:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
+        keep = torch.ones((num_rows, vocab_size), dtype=torch.bool, device=device)
+        if use_top_k:
+            top_ks = torch.tensor(
+                [p.top_k if p.top_k_active else vocab_size for p in params], device=device)
+            ranks = torch.arange(vocab_size, device=device)
+            keep &= ranks.unsqueeze(0) < top_ks.unsqueeze(1)
+        if use_top_p:
+            sorted_probs = sorted_logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            top_ps = torch.tensor([p.top_p for p in params], device=device)
+            is_off = torch.tensor([not p.top_p_active for p in params], device=device)
+            # Keep a token while the mass ranked above it is still short of top_p: the smallest
+            # set reaching top_p. Rows with top_p == 1 skip this (rounding would drop the tail).
+            keep &= (mass_before < top_ps.unsqueeze(1)) | is_off.unsqueeze(1)
+        keep[:, 0] = True
+        keep_by_id = torch.empty_like(keep).scatter_(1, order, keep)
+        scaled = scaled.masked_fill(~keep_by_id, float("-inf"))
+    return scaled.softmax(dim=-1)
+
+
+def _gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
+                     ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+    """Raw logprobs (log_softmax of the unmodified logits) for the rows that asked."""
+    num_rows = logits.shape[0]
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    logprobs: list[float | None] = [None] * num_rows
+    top_logprobs: list[list[tuple[int, float]] | None] = [None] * num_rows
+    if not wanted:
+        return logprobs, top_logprobs
+
+    idx = torch.tensor(wanted, device=logits.device)
+    row_logprobs = logits[idx].log_softmax(dim=-1)
+    sampled = row_logprobs.gather(1, token_ids[idx].unsqueeze(1)).squeeze(1).tolist()
+    num_top = min(max(params[i].logprobs for i in wanted), logits.shape[1])
+    top_values, top_ids = row_logprobs.topk(num_top, dim=-1)
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    for r, i in enumerate(wanted):
+        n = params[i].logprobs
+        logprobs[i] = sampled[r]
+        top_logprobs[i] = list(zip(top_ids[r][:n], top_values[r][:n]))
+    return logprobs, top_logprobs
