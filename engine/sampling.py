@@ -44,6 +44,9 @@ class SamplingParams:
     logprobs: int | None = None
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
+    # Callables ``(output_token_ids, logits[V]) -> logits[V]`` applied before sampling, e.g. the
+    # server's JSON-mode constraint. They see only this request's row.
+    logits_processors: list = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Normalise first so that validation sees the final shape.

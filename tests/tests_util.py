@@ -13,6 +13,7 @@ def fresh_cache(model, max_tokens: int = 4096) -> KVCache:
     return KVCache(model.cfg, shape, model.dtype, "cpu")
 
 
+@torch.inference_mode()
 def forward_logits(model, ids: list[int]) -> torch.Tensor:
     """Logits for every position of ``ids`` in one prefill."""
     cache = fresh_cache(model, len(ids))

@@ -93,7 +93,6 @@ class DeepseekV4(nn.Module):
         out = out * local[:, None].to(out.dtype)
         return self.par.all_reduce(out)
 
-    @torch.no_grad()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """Final-normed hidden states ``[len(batch.logits_rows), D]``."""
         x = self.embed_tokens(batch.input_ids)
@@ -103,7 +102,6 @@ class DeepseekV4(nn.Module):
         rows = torch.tensor(batch.logits_rows, dtype=torch.long, device=streams.device)
         return self.norm(self.hc_head(streams[rows]))
 
-    @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 head (spec §3.1 step 4); vocab-parallel ranks gather their slices."""
         logits = hidden.float() @ self.head.float().t()

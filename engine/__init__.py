@@ -1,0 +1,13 @@
+"""dsv4-serve engine: ``from engine import LLM, SamplingParams``."""
+from engine.sampling import SamplingParams
+
+__all__ = ["LLM", "SamplingParams"]
+
+
+def __getattr__(name):
+    # Imported lazily so that importing a pure-Python submodule (scheduler, request …) stays light.
+    if name == "LLM":
+        from engine.llm import LLM
+
+        return LLM
+    raise AttributeError(name)

@@ -1,0 +1,56 @@
+"""EngineConfig: every knob of the engine, shared by ``LLM(...)`` and ``dsv4 serve``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # checkpoint dir; None = the embedded default model
+    dtype: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA
+    device: str = "auto"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory: int | None = None  # bytes; None = a fraction of free GPU memory / 256 MiB on CPU
+    gpu_memory_utilization: float = 0.85
+    kv_cache_dtype: str = "auto"  # auto | fp8
+    enable_prefix_cache: bool = True
+    prefix_cache_unit: int = 2048  # checkpoint interval in tokens (multiple of 64)
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def positive(name):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("max_num_seqs", "max_num_batched_tokens", "prefix_cache_unit", "tensor_parallel_size"):
+            positive(name)
+        if self.kv_cache_memory is not None:
+            positive("kv_cache_memory")
+        if self.prefix_cache_unit % 64:
+            raise ValueError(f"prefix_cache_unit must be a multiple of 64, got {self.prefix_cache_unit}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        return DTYPES[self.dtype]

@@ -1,0 +1,216 @@
+"""EngineCore: the synchronous loop. ``step()`` = schedule → run → update → detokenize.
+
+It owns the scheduler (pure Python), the model runner (tensors) and per-request text state
+(incremental detokenizer + stop strings). ``LLM`` drives it directly; ``AsyncEngine`` drives it
+from a background thread.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.cache_layout import CacheLayout, CachePool
+from engine.config import ModelConfig
+from engine.default_model import default_model_dir
+from engine.detokenizer import IncrementalDetokenizer, StopChecker
+from engine.engine_config import EngineConfig
+from engine.kv_cache import CacheShape
+from engine.kv_cache_manager import KVCacheManager
+from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
+from engine.request import Request
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class _TextState:
+    detok: IncrementalDetokenizer | None
+    stop: StopChecker | None
+    wants_logprobs: bool
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_dir = config.model or default_model_dir()
+        self.model_config = ModelConfig.from_dir(self.model_dir)
+        self.tokenizer = self._load_tokenizer()
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype()
+        cfg = self.model_config
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+
+        layout = CacheLayout.from_model(
+            list(cfg.compress_ratios), cfg.head_dim, cfg.index_head_dim, cfg.sliding_window, cfg.rope_dim,
+            kv_dtype_bytes=torch.tensor([], dtype=self.dtype).element_size(), kv_cache_dtype=config.kv_cache_dtype,
+        )
+        self.runner = self._make_runner(layout)
+        self.kv_manager = KVCacheManager.from_budget(
+            layout, self._kv_budget(), config.max_num_seqs, enable_prefix_cache=config.enable_prefix_cache,
+            unit_interval=config.prefix_cache_unit,
+        )
+        pools = self.kv_manager.pools
+        self.runner.allocate_cache(CacheShape(
+            num_window_slots=pools[CachePool.WINDOW].num_blocks,
+            num_state_slots=pools[CachePool.STATE].num_blocks,
+            num_c4_blocks=pools[CachePool.C4].num_blocks,
+            num_c128_blocks=pools[CachePool.C128].num_blocks,
+            c4_block_tokens=layout.c4_block_tokens, c128_block_tokens=layout.c128_block_tokens,
+        ))
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                            unit_interval=config.prefix_cache_unit, enable_prefix_cache=config.enable_prefix_cache,
+                            max_model_len=self.max_model_len),
+            self.kv_manager,
+        )
+        self._text: dict[str, _TextState] = {}
+        self._requests: dict[str, Request] = {}  # live requests (the scheduler drops finished ones)
+        self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+        self.layout = layout
+
+    def _load_tokenizer(self) -> Tokenizer | None:
+        """Checkpoints without tokenizer.json (e.g. written by transformers' save_pretrained)
+        still serve token ids; text in and out needs the tokenizer."""
+        import os
+
+        if not os.path.exists(os.path.join(self.model_dir, "tokenizer.json")):
+            log.warning("%s has no tokenizer.json: token-id prompts only, no text output", self.model_dir)
+            return None
+        return Tokenizer.from_dir(self.model_dir)
+
+    def _make_runner(self, layout):
+        cfg = self.config
+        if cfg.tensor_parallel_size > 1:
+            from engine.parallel import ParallelModelRunner
+
+            return ParallelModelRunner(self.model_dir, self.model_config, self.dtype, self.device,
+                                       tp_size=cfg.tensor_parallel_size,
+                                       enable_expert_parallel=cfg.enable_expert_parallel, seed=cfg.seed)
+        from engine.model_runner import ModelRunner
+
+        return ModelRunner(self.model_dir, self.model_config, self.dtype, self.device, seed=cfg.seed)
+
+    def _kv_budget(self) -> int:
+        if self.config.kv_cache_memory:
+            return self.config.kv_cache_memory
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * self.config.gpu_memory_utilization)
+        return CPU_DEFAULT_KV_BYTES
+
+    # ---- requests --------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    cache_salt: str = "", arrival_time: float | None = None) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt must contain at least one token")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens but the context window is "
+                             f"{self.max_model_len} tokens")
+        bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {self.model_config.vocab_size}): {bad[:5]}")
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        req = Request(request_id, list(prompt_ids), params, self.model_config.eos_token_id,
+                      time.monotonic() if arrival_time is None else arrival_time, cache_salt=cache_salt)
+        self._text[request_id] = _TextState(
+            IncrementalDetokenizer(self.tokenizer, prompt_ids[-8:]) if self.tokenizer else None,
+            StopChecker(params.stop, params.include_stop_str_in_output) if params.stop else None,
+            params.logprobs is not None,
+        )
+        self._requests[request_id] = req
+        self.scheduler.add_request(req)
+
+    def abort(self, request_id: str) -> None:
+        req = self.scheduler.abort_request(request_id)
+        if req is not None:
+            self._pending.append(self._output(req, [], "", None))
+            self._forget(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        sched_out = self.scheduler.schedule()
+        sampled = {}
+        if not sched_out.is_empty:
+            try:
+                sampled = self.runner.execute(sched_out, self.scheduler.requests)
+            except Exception as e:  # a failed forward must not leak KV or hang clients
+                log.exception("model step failed")
+                return outputs + self._fail_step(sched_out, f"internal error during generation: {e}")
+        deltas = self.scheduler.update(sched_out, {k: v.token_id for k, v in sampled.items()})
+        for delta in deltas:
+            req = self._requests.get(delta.request_id)
+            text_state = self._text.get(delta.request_id)
+            if req is None or text_state is None:
+                continue
+            detok = text_state.detok
+            text = detok.add_tokens(delta.new_token_ids) if detok else ""
+            finished, reason, stop_reason = delta.finished, delta.finish_reason, delta.stop_reason
+            if finished and detok:
+                text += detok.flush()
+            if text_state.stop is not None:
+                emit, stopped, matched = text_state.stop.feed(text)
+                if stopped and not finished:
+                    self.scheduler.finish_request(delta.request_id, "stop", matched)
+                    finished, reason, stop_reason = True, "stop", matched
+                elif stopped:
+                    reason, stop_reason = "stop", matched
+                if finished and not stopped:
+                    emit += text_state.stop.flush()
+                text = emit
+            logprobs = None
+            if text_state.wants_logprobs and delta.request_id in sampled:
+                s = sampled[delta.request_id]
+                logprobs = [TokenLogprob(s.token_id, s.logprob, list(s.top_logprobs or []))]
+            outputs.append(self._output(req, delta.new_token_ids, text, reason if finished else None,
+                                        finished=finished, stop_reason=stop_reason, logprobs=logprobs))
+            if finished:
+                self._forget(delta.request_id)
+        return outputs
+
+    def _fail_step(self, sched_out, message: str) -> list[RequestOutput]:
+        outs = []
+        for ch in sched_out.chunks:
+            req = self.scheduler.finish_request(ch.request_id, "error", message)
+            if req is not None:
+                outs.append(self._output(req, [], "", "error", finished=True, stop_reason=message))
+                self._forget(ch.request_id)
+        return outs
+
+    def _forget(self, request_id: str) -> None:
+        self._text.pop(request_id, None)
+        self._requests.pop(request_id, None)
+        self.runner.release(request_id)
+
+    def _output(self, req: Request, new_ids, text, reason, finished=True, stop_reason=None, logprobs=None):
+        reason = reason.value if hasattr(reason, "value") else reason
+        return RequestOutput(
+            request_id=req.request_id, new_token_ids=list(new_ids), new_text=text, finished=finished,
+            finish_reason=reason if finished else None,
+            stop_reason=stop_reason if finished else None,
+            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(0, req.num_cached_tokens),
+            miss_reason=str(req.miss_reason.value if hasattr(req.miss_reason, "value") else req.miss_reason)
+            if req.miss_reason else None,
+            num_output_tokens=req.num_output_tokens, logprobs=logprobs,
+            metrics=RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
+                                   req.finished_time, req.num_preemptions),
+        )
+
+    def stats(self) -> dict:
+        return self.scheduler.stats()
+
+    def shutdown(self) -> None:
+        if hasattr(self.runner, "shutdown"):
+            self.runner.shutdown()

@@ -1,0 +1,101 @@
+"""ModelRunner: owns the device, the model, the KV cache tensors and the sampler.
+
+``execute(scheduler_output, requests)`` performs the cache copies the scheduler asked for,
+runs one flat forward over every scheduled chunk, samples the sequences that reached their
+last known token, and returns what was sampled. It never decides anything about scheduling.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.batch import ForwardBatch, SeqView
+from engine.config import ModelConfig
+from engine.kv_cache import CacheShape, KVCache
+from engine.loader import load_weights
+from engine.model.deepseek_v4 import DeepseekV4, Parallel
+from engine.sampling import Sampler, SamplingParams, make_generator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class ModelRunner:
+    def __init__(self, model_dir: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 par: Parallel | None = None, seed: int = 0, shard_loader=None):
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.model = DeepseekV4(cfg, dtype, par)
+        # On CPU dequantise once at load (fast matmuls); on GPU keep the quantised form.
+        load_weights(self.model, model_dir, keep_dense=device.type == "cpu", shard=shard_loader)
+        self.model.to(device)
+        self.cache: KVCache | None = None  # allocated once the KV budget is known
+        self.sampler = Sampler(seed=seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def allocate_cache(self, shape: CacheShape) -> None:
+        self.cache = KVCache(self.cfg, shape, self.dtype, self.device)
+
+    # ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, chunks, copies_before=(), copies_after=()) -> torch.Tensor | None:
+        """Run the model over ``chunks``; returns logits [n_sampling_chunks, V] in chunk order."""
+        for c in copies_before:
+            self.cache.copy(c.pool, c.src, c.dst)
+        token_lists, seqs, logits_rows = [], [], []
+        row = 0
+        for ch in chunks:
+            bt = ch.block_table
+            seqs.append(SeqView(row, len(ch.token_ids), ch.start_pos, bt.window_slot, bt.state_slot,
+                                list(bt.c4_blocks), list(bt.c128_blocks)))
+            token_lists.append(ch.token_ids)
+            row += len(ch.token_ids)
+            if ch.sample:
+                logits_rows.append(row - 1)
+        logits = None
+        if seqs:
+            batch = ForwardBatch.build(token_lists, seqs, logits_rows, self.device)
+            hidden = self.model(batch, self.cache)
+            logits = self.model.compute_logits(hidden) if logits_rows else None
+        for c in copies_after:
+            self.cache.copy(c.pool, c.src, c.dst)
+        return logits
+
+    def execute(self, sched_out, requests: dict) -> dict[str, SampleResult]:
+        logits = self.forward(sched_out.chunks, sched_out.copies_before, sched_out.copies_after)
+        sampling = [ch for ch in sched_out.chunks if ch.sample]
+        if not sampling:
+            return {}
+        params: list[SamplingParams] = [requests[ch.request_id].sampling_params for ch in sampling]
+        for i, (ch, p) in enumerate(zip(sampling, params)):
+            for proc in p.logits_processors:
+                logits[i] = proc(requests[ch.request_id].output_token_ids, logits[i])
+        gens = [self._generator(ch.request_id, p) for ch, p in zip(sampling, params)]
+        out = self.sampler.sample(logits, params, gens)
+        results = {}
+        for i, ch in enumerate(sampling):
+            results[ch.request_id] = SampleResult(
+                out.token_ids[i],
+                out.logprobs[i] if out.logprobs else None,
+                out.top_logprobs[i] if out.top_logprobs else None,
+            )
+        return results
+
+    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
+        if params.seed is None or params.greedy:
+            return None
+        g = self._generators.get(request_id)
+        if g is None:
+            g = self._generators[request_id] = make_generator(params.seed, device=self.device)
+        return g
+
+    def release(self, request_id: str) -> None:
+        """Forget per-request state (the seeded generator) once a request is finished."""
+        self._generators.pop(request_id, None)
