@@ -1,0 +1,186 @@
+"""AsyncEngine: the server-facing engine. The step loop runs in a background thread; each
+request gets an asyncio queue of ``RequestOutput`` deltas.
+
+Only the loop thread touches the ``EngineCore``: ``generate`` and ``abort`` post commands to a
+thread-safe inbox that the loop drains between steps, so aborts land at step boundaries and
+the scheduler never sees concurrent mutation.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from typing import AsyncIterator
+
+from engine.engine_config import EngineConfig
+from engine.engine_core import EngineCore
+from engine.outputs import RequestOutput
+from engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full (HTTP 429)."""
+
+
+class EngineDead(RuntimeError):
+    """The engine loop stopped after a fatal error (HTTP 503)."""
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, max_queue: int = 1024, core: EngineCore | None = None):
+        self.config = config
+        self.max_queue = max_queue
+        self.core = core
+        self._inbox: queue.Queue = queue.Queue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.fatal_error: str | None = None
+        self._stats: dict = {}
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.core is None:
+            # Model loading is slow and blocking: keep it off the event loop.
+            self.core = await asyncio.to_thread(EngineCore, self.config)
+        self._stats = self.core.stats()
+        self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Stop accepting, let running requests finish (up to ``drain_timeout``), stop the loop."""
+        self._stopping = True
+        deadline = time.monotonic() + drain_timeout
+        while self._streams and time.monotonic() < deadline and self.fatal_error is None:
+            await asyncio.sleep(0.02)
+        for rid in list(self._streams):
+            self.abort(rid)
+        self._inbox.put(("stop",))
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+        if self.core is not None:
+            self.core.shutdown()
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    @property
+    def model_config(self):
+        return self.core.model_config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    @property
+    def accepting(self) -> bool:
+        return not self._stopping and self.fatal_error is None
+
+    def stats(self) -> dict:
+        """The latest scheduler stats, published by the loop thread after each step."""
+        return dict(self._stats, in_flight=len(self._streams))
+
+    # ---- requests ------------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       cache_salt: str = "") -> AsyncIterator[RequestOutput]:
+        if self.fatal_error is not None:
+            raise EngineDead(self.fatal_error)
+        if self._stopping:
+            raise EngineDead("the server is shutting down")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens but the context window is "
+                             f"{self.max_model_len} tokens")
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            waiting = self._stats.get("waiting", 0) + self._inbox.qsize()
+            if waiting >= self.max_queue:
+                raise EngineOverloaded(f"too many queued requests ({waiting}); retry later")
+            q: asyncio.Queue = asyncio.Queue()
+            self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self._inbox.put(("add", request_id, list(prompt_ids), params, cache_salt, time.monotonic()))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the consumer went away (client disconnect, cancellation)
+                self.abort(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    # ---- the loop thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        core = self.core
+        while True:
+            if not self._drain_inbox():
+                return
+            if not core.has_unfinished():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                outputs = core.step()
+            except Exception as e:  # fatal: tell every client, stop serving
+                log.exception("engine loop crashed")
+                self.fatal_error = f"engine failure: {e}"
+                self._fail_all(EngineDead(self.fatal_error))
+                return
+            self._stats = core.stats()
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _drain_inbox(self) -> bool:
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if cmd[0] == "stop":
+                return False
+            if cmd[0] == "add":
+                _, rid, ids, params, salt, arrival = cmd
+                if rid not in self._streams:  # cancelled before it reached the loop
+                    continue
+                try:
+                    self.core.add_request(rid, ids, params, cache_salt=salt, arrival_time=arrival)
+                except ValueError as e:
+                    self._deliver(rid, e)
+            elif cmd[0] == "abort":
+                self.core.abort(cmd[1])
+
+    def _deliver(self, request_id: str, item) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the client's loop is closed
+                pass
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            targets = list(self._streams.items())
+        for rid, _ in targets:
+            self._deliver(rid, exc)
