@@ -74,6 +74,23 @@ class KVCache:
                 self.c128_kv[layer] = torch.zeros(shape.num_c128_blocks, shape.c128_entries, d, dtype=dtype,
                                                   device=device)
 
+    # ---- storage-format hooks (identity for kv_cache_dtype="auto") ----------------------
+    def round_kv(self, kv: torch.Tensor) -> torch.Tensor:
+        """What a KV vector becomes once stored; applied to this step's own tokens too."""
+        return kv
+
+    def round_index_query(self, q: torch.Tensor) -> torch.Tensor:
+        """Indexer queries, transformed like the stored indexer keys."""
+        return q
+
+    # ---- sliding window ring -----------------------------------------------------------
+    def read_window(self, layer: int, slot: int, positions: torch.Tensor) -> torch.Tensor:
+        return self.window[layer][slot][positions % self.cfg.sliding_window]
+
+    def write_window(self, layer: int, slot: int, positions: torch.Tensor, values: torch.Tensor) -> None:
+        ring = self.window[layer][slot]
+        ring[positions % self.cfg.sliding_window] = values.to(ring.dtype)
+
     # ---- compressed entries: block-table addressing ----------------------------------
     def entries_per_block(self, ratio: int) -> int:
         return self.shape.c4_entries if ratio == CSA_RATIO else self.shape.c128_entries

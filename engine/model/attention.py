@@ -159,9 +159,11 @@ class Attention(nn.Module):
         q = self.wq_b(q_lat).view(T, self.n_heads, d)
         q = rms_norm(q, None, cfg.rms_norm_eps)
         q = apply_rope(q, cos, sin)
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        # With an FP8 KV cache the reference rounds kv before using it, cached or not.
+        kv = cache.round_kv(apply_rope(self.kv_norm(self.wkv(x)), cos, sin))
         if self.indexer is not None:
             iq, iw = self.indexer.queries(q_lat, x, cos, sin)
+            iq = cache.round_index_query(iq)
 
         out = torch.empty(T, self.n_heads, d, dtype=x.dtype, device=x.device)
         for seq in batch.seqs:
@@ -184,15 +186,14 @@ class Attention(nn.Module):
     def _window(self, kv: torch.Tensor, seq: SeqView, cache: KVCache, qpos: torch.Tensor):
         """Keys for the sliding window (cached ring + this step's tokens) and their mask."""
         W = self.cfg.sliding_window
-        ring = cache.window[self.layer][seq.window_slot]
         lo = max(0, seq.start_pos - (W - 1))
         old_pos = torch.arange(lo, seq.start_pos, device=kv.device)
-        keys = torch.cat([ring[old_pos % W].to(kv.dtype), kv])
+        keys = torch.cat([cache.read_window(self.layer, seq.window_slot, old_pos).to(kv.dtype), kv])
         kpos = torch.cat([old_pos, qpos])
         mask = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - W)
         # Store the newest W tokens of this step (after reading: the ring may wrap).
         keep = min(seq.num_tokens, W)
-        ring[qpos[-keep:] % W] = kv[-keep:].to(ring.dtype)
+        cache.write_window(self.layer, seq.window_slot, qpos[-keep:], kv[-keep:])
         return keys, mask
 
     def _compressed(self, x, seq: SeqView, cache: KVCache, rotary: Rotary, qpos, index_q, reduce):
