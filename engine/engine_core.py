@@ -64,7 +64,7 @@ class EngineCore:
             num_c4_blocks=pools[CachePool.C4].num_blocks,
             num_c128_blocks=pools[CachePool.C128].num_blocks,
             c4_block_tokens=layout.c4_block_tokens, c128_block_tokens=layout.c128_block_tokens,
-        ))
+        ), kv_cache_dtype=config.kv_cache_dtype)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                             unit_interval=config.prefix_cache_unit, enable_prefix_cache=config.enable_prefix_cache,
@@ -132,7 +132,7 @@ class EngineCore:
     def abort(self, request_id: str) -> None:
         req = self.scheduler.abort_request(request_id)
         if req is not None:
-            self._pending.append(self._output(req, [], "", None))
+            self._pending.append(self._output(req, [], "", "abort"))
             self._forget(request_id)
 
     def has_unfinished(self) -> bool:

@@ -8,6 +8,14 @@ Pools (docs/ARCHITECTURE.md):
 - c4:     per CSA layer entries ``[blocks, E4, head_dim]`` and indexer keys ``[blocks, E4, idx_dim]``
 - c128:   per HCA layer entries ``[blocks, E128, head_dim]``
 
+``kv_cache_dtype`` picks the storage format (spec §3.13, §4.2):
+- ``auto``: the model dtype, no rounding (parity with transformers);
+- ``fp8``: DeepSeek's layout, as packed uint8 records (last dim = bytes per vector):
+  window/compressed entries = e4m3 nope dims | bf16 rope dims | one e8m0 scale per 64 nope dims,
+  padded to 8 bytes (584 B for head_dim 512); indexer keys = FP4 (packed e2m1 + one e8m0 per 32)
+  of the Hadamard-rotated key. Writes quantise, reads dequantise to the model dtype; the state
+  pool stays fp32 in both formats.
+
 Nothing is reset between sequences: a sequence starting at position 0 never reads state or
 window rows it did not write itself (validity derives from positions).
 """
@@ -18,8 +26,14 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import ModelConfig
+from engine.quant import (fp4_block_dequantize, fp4_block_quantize, fp8_kv_dequantize, fp8_kv_quantize,
+                          hadamard_rotate)
 
 CSA_RATIO, HCA_RATIO = 4, 128
+KV_CACHE_DTYPES = ("auto", "fp8")
+FP8_SCALE_BLOCK = 64  # nope dims per e8m0 scale in an FP8 entry
+FP4_SCALE_BLOCK = 32  # indexer-key dims per e8m0 scale
+RECORD_ALIGN = 8  # FlashMLA pads each FP8 entry to a multiple of 8 bytes
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,77 @@ class CacheShape:
         return self.c128_block_tokens // HCA_RATIO
 
 
+@dataclass(frozen=True)
+class Fp8EntryCodec:
+    """One KV vector <-> its FlashMLA ``fp8_ds_mla`` byte record (spec §4.2):
+    ``[0, nope)`` e4m3 | ``[nope, nope + 2*rope)`` bf16 rope dims | ``ceil(nope/64)`` e8m0 scales |
+    zero padding to a multiple of 8 bytes. A trailing partial scale block gets its own scale."""
+
+    head_dim: int
+    rope_dim: int
+
+    @property
+    def nope_dim(self) -> int:
+        return self.head_dim - self.rope_dim
+
+    @property
+    def num_scales(self) -> int:
+        return -(-self.nope_dim // FP8_SCALE_BLOCK)
+
+    @property
+    def scale_offset(self) -> int:
+        return self.nope_dim + 2 * self.rope_dim
+
+    @property
+    def nbytes(self) -> int:
+        raw = self.scale_offset + self.num_scales
+        return -(-raw // RECORD_ALIGN) * RECORD_ALIGN
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., head_dim]`` -> uint8 ``[..., nbytes]``."""
+        nope, rope, scale = fp8_kv_quantize(x, self.nope_dim, FP8_SCALE_BLOCK)
+        pad = self.nbytes - self.scale_offset - self.num_scales
+        return torch.cat([nope.view(torch.uint8), rope.contiguous().view(torch.uint8), scale.view(torch.uint8),
+                          nope.new_zeros(*nope.shape[:-1], pad, dtype=torch.uint8)], dim=-1)
+
+    def decode(self, rec: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """uint8 ``[..., nbytes]`` -> ``[..., head_dim]`` in ``dtype`` (exact: e4m3 * 2^k)."""
+        nope = rec[..., :self.nope_dim].contiguous().view(torch.float8_e4m3fn)
+        rope = rec[..., self.nope_dim:self.scale_offset].contiguous().view(torch.bfloat16)
+        scale = rec[..., self.scale_offset:self.scale_offset + self.num_scales]
+        return fp8_kv_dequantize(nope, rope, scale, dtype, FP8_SCALE_BLOCK)
+
+    def round_trip(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x), x.dtype)
+
+
+@dataclass(frozen=True)
+class Fp4IndexKeyCodec:
+    """One indexer key <-> ``dim/2`` bytes of packed e2m1 (low nibble = even dim) followed by one
+    e8m0 scale per 32 dims, of the Hadamard-rotated key (spec §3.7: RoPE, Hadamard, then FP4).
+    Decoding returns the *rotated* key; queries get the same rotation, which keeps q.k."""
+
+    dim: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.dim // 2 + -(-self.dim // FP4_SCALE_BLOCK)
+
+    def encode(self, k: torch.Tensor) -> torch.Tensor:
+        """Unrotated ``[..., dim]`` -> uint8 ``[..., nbytes]``."""
+        packed, scale = fp4_block_quantize(hadamard_rotate(k), FP4_SCALE_BLOCK)
+        return torch.cat([packed.view(torch.uint8), scale.view(torch.uint8)], dim=-1)
+
+    def decode(self, rec: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        half = self.dim // 2
+        return fp4_block_dequantize(rec[..., :half].contiguous(), rec[..., half:].contiguous(), dtype,
+                                    FP4_SCALE_BLOCK)
+
+    def round_trip(self, k: torch.Tensor) -> torch.Tensor:
+        """Hadamard rotation then FP4 simulation, in k's dtype (what indexer queries go through)."""
+        return self.decode(self.encode(k), k.dtype)
+
+
 class CompressorState:
     """kv/score rows of one compressor for all state slots."""
 
@@ -54,41 +139,70 @@ class CompressorState:
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, shape: CacheShape, dtype: torch.dtype, device, num_local_index_heads=None):
+    def __init__(self, cfg: ModelConfig, shape: CacheShape, dtype: torch.dtype, device, num_local_index_heads=None,
+                 kv_cache_dtype: str = "auto"):
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
         self.cfg, self.shape, self.dtype, self.device = cfg, shape, dtype, device
+        self.kv_cache_dtype = kv_cache_dtype
         W, d, di = cfg.sliding_window, cfg.head_dim, cfg.index_head_dim
-        self.window = [torch.zeros(shape.num_window_slots, W, d, dtype=dtype, device=device)
+        # Packed codecs for fp8 (None for auto). Pools then hold uint8 records: the last dim is
+        # bytes per vector instead of values per vector.
+        self.entry_codec: Fp8EntryCodec | None = None
+        self.index_codec: Fp4IndexKeyCodec | None = None
+        store_dtype = dtype
+        if kv_cache_dtype == "fp8":
+            _check_fp8_dims(cfg)
+            self.entry_codec, self.index_codec = Fp8EntryCodec(d, cfg.rope_dim), Fp4IndexKeyCodec(di)
+            d, di, store_dtype = self.entry_codec.nbytes, self.index_codec.nbytes, torch.uint8
+        self.window = [torch.zeros(shape.num_window_slots, W, d, dtype=store_dtype, device=device)
                        for _ in range(cfg.num_layers)]
         self.state: dict[tuple[int, str], CompressorState] = {}
         self.c4_kv: dict[int, torch.Tensor] = {}
         self.c4_idx: dict[int, torch.Tensor] = {}
         self.c128_kv: dict[int, torch.Tensor] = {}
         for layer, ratio in enumerate(cfg.compress_ratios):
+            # Compressor states hold fp32 model-width rows whatever the storage format.
             if ratio == CSA_RATIO:
-                self.state[(layer, "main")] = CompressorState(shape.num_state_slots, ratio, True, 2 * d, device)
-                self.state[(layer, "index")] = CompressorState(shape.num_state_slots, ratio, True, 2 * di, device)
-                self.c4_kv[layer] = torch.zeros(shape.num_c4_blocks, shape.c4_entries, d, dtype=dtype, device=device)
-                self.c4_idx[layer] = torch.zeros(shape.num_c4_blocks, shape.c4_entries, di, dtype=dtype, device=device)
+                self.state[(layer, "main")] = CompressorState(shape.num_state_slots, ratio, True,
+                                                              2 * cfg.head_dim, device)
+                self.state[(layer, "index")] = CompressorState(shape.num_state_slots, ratio, True,
+                                                               2 * cfg.index_head_dim, device)
+                self.c4_kv[layer] = torch.zeros(shape.num_c4_blocks, shape.c4_entries, d, dtype=store_dtype,
+                                                device=device)
+                self.c4_idx[layer] = torch.zeros(shape.num_c4_blocks, shape.c4_entries, di, dtype=store_dtype,
+                                                 device=device)
             elif ratio == HCA_RATIO:
-                self.state[(layer, "main")] = CompressorState(shape.num_state_slots, ratio, False, d, device)
-                self.c128_kv[layer] = torch.zeros(shape.num_c128_blocks, shape.c128_entries, d, dtype=dtype,
-                                                  device=device)
+                self.state[(layer, "main")] = CompressorState(shape.num_state_slots, ratio, False,
+                                                              cfg.head_dim, device)
+                self.c128_kv[layer] = torch.zeros(shape.num_c128_blocks, shape.c128_entries, d,
+                                                  dtype=store_dtype, device=device)
 
     # ---- storage-format hooks (identity for kv_cache_dtype="auto") ----------------------
     def round_kv(self, kv: torch.Tensor) -> torch.Tensor:
         """What a KV vector becomes once stored; applied to this step's own tokens too."""
-        return kv
+        if self.entry_codec is None:
+            return kv
+        return self.entry_codec.round_trip(kv)
 
     def round_index_query(self, q: torch.Tensor) -> torch.Tensor:
         """Indexer queries, transformed like the stored indexer keys."""
-        return q
+        if self.index_codec is None:
+            return q
+        return self.index_codec.round_trip(q)
 
     # ---- sliding window ring -----------------------------------------------------------
     def read_window(self, layer: int, slot: int, positions: torch.Tensor) -> torch.Tensor:
-        return self.window[layer][slot][positions % self.cfg.sliding_window]
+        rows = self.window[layer][slot][positions % self.cfg.sliding_window]
+        if self.entry_codec is None:
+            return rows
+        return self.entry_codec.decode(rows, self.dtype)
 
     def write_window(self, layer: int, slot: int, positions: torch.Tensor, values: torch.Tensor) -> None:
         ring = self.window[layer][slot]
+        if self.entry_codec is not None:
+            ring[positions % self.cfg.sliding_window] = self.entry_codec.encode(values)
+            return
         ring[positions % self.cfg.sliding_window] = values.to(ring.dtype)
 
     # ---- compressed entries: block-table addressing ----------------------------------
@@ -102,16 +216,42 @@ class KVCache:
         E = pool.shape[1]
         idx = torch.arange(first, first + values.shape[0], device=pool.device)
         block_ids = torch.tensor(blocks, dtype=torch.long, device=pool.device)[idx // E]
+        codec = self._codec_for(pool)
+        if codec is not None:
+            pool[block_ids, idx % E] = codec.encode(values)
+            return
         pool[block_ids, idx % E] = values.to(pool.dtype)
 
     def read_entries(self, pool: torch.Tensor, blocks: list[int], count: int) -> torch.Tensor:
-        """Entries ``0 .. count-1`` of a sequence, ``[count, dim]``."""
+        """Entries ``0 .. count-1`` of a sequence, ``[count, dim]`` (fp8: dequantised to the model
+        dtype; indexer keys come back Hadamard-rotated)."""
+        codec = self._codec_for(pool)
+        if codec is not None:
+            packed = self._read_rows(pool, blocks, count)
+            return codec.decode(packed, self.dtype)
         E = pool.shape[1]
         n_blocks = -(-count // E)
         if count == 0:
             return pool.new_zeros(0, pool.shape[-1])
         ids = torch.tensor(blocks[:n_blocks], dtype=torch.long, device=pool.device)
         return pool[ids].reshape(-1, pool.shape[-1])[:count]
+
+    @staticmethod
+    def _read_rows(pool: torch.Tensor, blocks: list[int], count: int) -> torch.Tensor:
+        E = pool.shape[1]
+        ids = torch.tensor(blocks[:-(-count // E)], dtype=torch.long, device=pool.device)
+        return pool[ids].reshape(-1, pool.shape[-1])[:count]
+
+    def _codec_for(self, pool: torch.Tensor) -> Fp8EntryCodec | Fp4IndexKeyCodec | None:
+        """The packed format of ``pool`` (None for auto). Indexer-key pools are told apart by
+        identity: their record width could coincide with the entry width."""
+        if self.entry_codec is None:
+            return None
+        codec = self.index_codec if any(pool is t for t in self.c4_idx.values()) else self.entry_codec
+        if pool.dtype != torch.uint8 or pool.shape[-1] != codec.nbytes:
+            raise ValueError(f"pool must be a packed uint8 [..., {codec.nbytes}] tensor of this cache, "
+                             f"got {pool.dtype} {tuple(pool.shape)}")
+        return codec
 
     # ---- copies requested by the scheduler (prefix-cache restore / snapshot) ----------
     def copy(self, pool: str, src: int, dst: int) -> None:
@@ -131,6 +271,7 @@ class KVCache:
             raise ValueError(f"unknown cache pool {pool!r}")
 
     def nbytes(self) -> dict[str, int]:
+        """Real bytes held per pool (packed records for fp8)."""
         def size(ts):
             return sum(t.numel() * t.element_size() for t in ts)
 
@@ -140,3 +281,13 @@ class KVCache:
             "c4": size(list(self.c4_kv.values()) + list(self.c4_idx.values())),
             "c128": size(list(self.c128_kv.values())),
         }
+
+
+def _check_fp8_dims(cfg: ModelConfig) -> None:
+    if not 0 <= cfg.rope_dim < cfg.head_dim:
+        raise ValueError(f"kv_cache_dtype 'fp8' needs 0 <= rope_dim < head_dim (some dims to store as e4m3), "
+                         f"got rope_dim {cfg.rope_dim}, head_dim {cfg.head_dim}")
+    di = cfg.index_head_dim
+    if di < 2 or di & (di - 1):
+        raise ValueError(f"kv_cache_dtype 'fp8' needs index_head_dim a power of two >= 2 (Hadamard rotation, "
+                         f"two FP4 values a byte), got {di}")

@@ -40,8 +40,8 @@ class ModelRunner:
         self.sampler = Sampler(seed=seed)
         self._generators: dict[str, torch.Generator] = {}
 
-    def allocate_cache(self, shape: CacheShape) -> None:
-        self.cache = KVCache(self.cfg, shape, self.dtype, self.device)
+    def allocate_cache(self, shape: CacheShape, kv_cache_dtype: str = "auto") -> None:
+        self.cache = KVCache(self.cfg, shape, self.dtype, self.device, kv_cache_dtype=kv_cache_dtype)
 
     # ------------------------------------------------------------------------------------
     @torch.inference_mode()

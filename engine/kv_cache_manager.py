@@ -1,0 +1,588 @@
+"""Which cache slots and blocks each request and each prefix-cache checkpoint holds.
+
+Pure Python (no torch). Per live request a `BlockTable` names one window slot, one state slot
+(None when the model has no compressed layers) and the c4 / c128 blocks of its compressed
+entries (entry w lives in block table[w // E], row w % E). Per checkpoint (engine/
+prefix_cache.py) the manager holds snapshot slots, tail-block copies and shared references
+to full blocks. Every unit's ref count equals its number of holders (`check_integrity`).
+
+The manager never touches tensors: it returns `CacheCopy` operations that the model runner
+performs — restores *before* the forward, snapshots *after* it.
+
+Lifecycle of a request:
+    lookup_and_admit → (ensure_capacity, checkpoint?, mark_computed)* → finish | free
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.block_pool import BlockPool
+from engine.cache_layout import CacheLayout, CachePool
+from engine.prefix_cache import Checkpoint, CheckpointKey, HashChain, MissReason, PrefixCache
+from engine.request import Request
+
+BLOCK_POOLS = (CachePool.C4, CachePool.C128)  # pools that grow with the sequence
+
+
+@dataclass(frozen=True)
+class CacheCopy:
+    """Copy unit `src` onto unit `dst` of one pool (whole slot or whole block)."""
+
+    pool: CachePool
+    src: int
+    dst: int
+
+
+@dataclass
+class BlockTable:
+    """The cache units one live request writes to. Lists only grow while it runs."""
+
+    window_slot: int
+    state_slot: int | None
+    c4_blocks: list[int] = field(default_factory=list)
+    c128_blocks: list[int] = field(default_factory=list)
+
+    def copy(self) -> BlockTable:
+        return BlockTable(self.window_slot, self.state_slot, list(self.c4_blocks), list(self.c128_blocks))
+
+    def blocks(self, pool: CachePool) -> list[int]:
+        """The (mutable) block list of one block pool."""
+        return self.c4_blocks if pool is CachePool.C4 else self.c128_blocks
+
+    def units(self) -> list[tuple[CachePool, int]]:
+        held = [(CachePool.WINDOW, self.window_slot)]
+        if self.state_slot is not None:
+            held.append((CachePool.STATE, self.state_slot))
+        held += [(CachePool.C4, b) for b in self.c4_blocks]
+        held += [(CachePool.C128, b) for b in self.c128_blocks]
+        return held
+
+
+@dataclass
+class AdmitResult:
+    """Outcome of admitting a request: its table, the restores to run before its first
+    forward, and the prefix-cache verdict: the hit length, the reason for a miss (None on a
+    hit), and the reason the tokens after the hit were not served (set on hits too)."""
+
+    block_table: BlockTable
+    copies: list[CacheCopy]
+    num_cached_tokens: int
+    miss_reason: MissReason | None
+    uncached_reason: MissReason
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    """Units of one pool: held by live requests, held only by checkpoints, free."""
+
+    total: int
+    live: int
+    cached: int
+    free: int
+
+    @property
+    def usage(self) -> float:
+        return (self.live + self.cached) / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    pools: dict[str, PoolUsage]
+    used_fraction: float  # bytes held by anyone / all bytes
+    live_fraction: float  # bytes held by live requests / all bytes
+
+    def as_dict(self) -> dict:
+        return {
+            "used_fraction": self.used_fraction,
+            "live_fraction": self.live_fraction,
+            "pools": {
+                name: {"total": p.total, "live": p.live, "cached": p.cached, "free": p.free}
+                for name, p in self.pools.items()
+            },
+        }
+
+
+class KVCacheManager:
+    """Allocates, shares and frees cache units for requests and checkpoints."""
+
+    def __init__(
+        self,
+        layout: CacheLayout,
+        num_window_slots: int,
+        num_state_slots: int,
+        num_c4_blocks: int,
+        num_c128_blocks: int,
+        enable_prefix_cache: bool = True,
+        unit_interval: int = 2048,
+        hash_page: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.layout = layout
+        self.enable_prefix_cache = enable_prefix_cache
+        self.unit_interval = unit_interval
+        self.hash_page = hash_page
+        self._clock = clock
+        self._validate_granularity()
+        requested = {
+            CachePool.WINDOW: ("num_window_slots", num_window_slots),
+            CachePool.STATE: ("num_state_slots", num_state_slots),
+            CachePool.C4: ("num_c4_blocks", num_c4_blocks),
+            CachePool.C128: ("num_c128_blocks", num_c128_blocks),
+        }
+        self.pools: dict[CachePool, BlockPool] = {}
+        for pool, (name, count) in requested.items():
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {count!r}")
+            if not layout.pool_is_used(pool):
+                count = 0  # the model has no layer of this kind; the pool is never needed
+            elif count == 0:
+                raise ValueError(f"{name} must be >= 1 for this model, got 0")
+            self.pools[pool] = BlockPool(pool.value, count)
+        self.prefix_cache = PrefixCache(hash_page, enabled=enable_prefix_cache)
+        self._tables: dict[str, BlockTable] = {}
+        self._chains: dict[str, HashChain] = {}
+        self._num_registered: dict[str, dict[CachePool, int]] = {}  # full blocks hashed so far
+        # Chains of prompts whose admission failed: the head of the queue retries every step.
+        self._parked_chains: dict[str, HashChain] = {}
+        # Snapshots scheduled this step; invisible to lookups until their copies have run.
+        self._pending: list[tuple[Checkpoint, HashChain]] = []
+        self._pending_keys: set[CheckpointKey] = set()
+
+    def _validate_granularity(self) -> None:
+        page = self.hash_page
+        if not isinstance(page, int) or page <= 0:
+            raise ValueError(f"hash_page must be a positive int, got {page!r}")
+        if not isinstance(self.unit_interval, int) or self.unit_interval <= 0 or self.unit_interval % page:
+            raise ValueError(
+                f"unit_interval must be a positive multiple of hash_page={page}, got {self.unit_interval!r}"
+            )
+        for name in ("c4_block_tokens", "c128_block_tokens"):
+            if getattr(self.layout, name) % page:
+                raise ValueError(
+                    f"layout.{name}={getattr(self.layout, name)} must be a multiple of hash_page={page}"
+                )
+
+    @classmethod
+    def from_budget(
+        cls,
+        layout: CacheLayout,
+        budget_bytes: int,
+        max_num_seqs: int,
+        snapshot_fraction: float = 0.25,
+        enable_prefix_cache: bool = True,
+        unit_interval: int = 2048,
+        hash_page: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> KVCacheManager:
+        """Split a byte budget across the four pools.
+
+        Policy:
+        1. Every one of `max_num_seqs` live sequences gets a window slot, a state slot and one
+           c4 + one c128 block for its partially filled tail (ValueError if that alone does
+           not fit).
+        2. With prefix caching on, `snapshot_fraction` of the budget buys checkpoint
+           snapshots: a window slot, a state slot and one tail block of each kind apiece.
+        3. The rest becomes c4 and c128 blocks in the ratio of their per-token growth, so both
+           pools run out at the same sequence length.
+        Pools of layer kinds the model lacks get nothing.
+        """
+        if not isinstance(budget_bytes, (int, float)) or budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be positive, got {budget_bytes!r}")
+        if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be an int >= 1, got {max_num_seqs!r}")
+        if not 0 <= snapshot_fraction < 1:
+            raise ValueError(f"snapshot_fraction must be in [0, 1), got {snapshot_fraction!r}")
+        per_seq = sum(layout.unit_bytes(p) for p in CachePool if layout.pool_is_used(p))
+        live_bytes = max_num_seqs * per_seq
+        if budget_bytes < live_bytes:
+            raise ValueError(
+                f"budget_bytes={int(budget_bytes)} cannot hold max_num_seqs={max_num_seqs} live "
+                f"sequences ({per_seq} bytes each, {live_bytes} total)"
+            )
+        num_snapshots = 0
+        if enable_prefix_cache:
+            num_snapshots = int(min(snapshot_fraction * budget_bytes, budget_bytes - live_bytes) // per_seq)
+        rest = budget_bytes - live_bytes - num_snapshots * per_seq
+        growth = layout.bytes_per_token()
+        tokens = rest / growth if growth else 0.0
+        slots = max_num_seqs + num_snapshots
+        return cls(
+            layout,
+            num_window_slots=slots,
+            num_state_slots=slots if layout.has_compressed_layers else 0,
+            num_c4_blocks=slots + int(tokens // layout.c4_block_tokens) if layout.csa_layers else 0,
+            num_c128_blocks=slots + int(tokens // layout.c128_block_tokens) if layout.hca_layers else 0,
+            enable_prefix_cache=enable_prefix_cache,
+            unit_interval=unit_interval,
+            hash_page=hash_page,
+            clock=clock,
+        )
+
+    # ---- sizes ----------------------------------------------------------------------------
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.num_blocks * self.layout.unit_bytes(k) for k, p in self.pools.items())
+
+    @property
+    def max_num_tokens(self) -> float:
+        """Longest sequence that fits when it has the whole cache to itself."""
+        return self.layout.max_tokens_for_blocks(
+            self.pools[CachePool.C4].num_blocks, self.pools[CachePool.C128].num_blocks
+        )
+
+    def can_fit_alone(self, num_tokens: int) -> bool:
+        return num_tokens <= self.max_num_tokens
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._tables
+
+    def block_table(self, request_id: str) -> BlockTable:
+        """A copy of a live request's table (the runner keeps its own mirror)."""
+        if request_id not in self._tables:
+            raise ValueError(f"request_id {request_id!r} holds no cache")
+        return self._tables[request_id].copy()
+
+    # ---- admission ------------------------------------------------------------------------
+
+    def lookup_and_admit(self, request: Request) -> AdmitResult | None:
+        """Give a request its live slots, resuming from the longest matching checkpoint.
+
+        On a hit the full blocks are shared, the tail blocks and the window/state slots are
+        fresh copies (the returned restores), and `num_computed_tokens` becomes the hit
+        length. Returns None, changing nothing, when the slots cannot be found even after
+        evicting checkpoints. Prefix counters are left to `record_admission`.
+        """
+        request_id = request.request_id
+        if request_id in self._tables:
+            raise ValueError(f"request_id {request_id!r} is already admitted")
+        chain: HashChain | None = None
+        hit, reason, uncached = None, MissReason.DISABLED, MissReason.DISABLED
+        if self.enable_prefix_cache:
+            chain = self._parked_chains.pop(request_id, None) or self.prefix_cache.new_chain(request.cache_salt)
+            token_ids, max_tokens = request.all_token_ids, request.num_tokens - 1
+            hit, reason = self.prefix_cache.lookup(token_ids, request.cache_salt, max_tokens, chain)
+            uncached = reason or self.prefix_cache.uncached_reason(token_ids, chain, hit.num_tokens, max_tokens)
+        needs = {CachePool.WINDOW: 1, CachePool.STATE: int(self._has_state)}
+        if hit is not None:
+            needs.update({pool: 1 for pool in hit.tail_blocks})
+        if not self._make_room(needs, protect=hit):
+            if chain is not None:
+                self._parked_chains[request_id] = chain
+            return None
+
+        table = BlockTable(self.pools[CachePool.WINDOW].allocate(), self._allocate_state())
+        copies: list[CacheCopy] = []
+        if hit is not None:
+            copies.append(CacheCopy(CachePool.WINDOW, hit.window_slot, table.window_slot))
+            if table.state_slot is not None:
+                copies.append(CacheCopy(CachePool.STATE, hit.state_slot, table.state_slot))
+            for pool in BLOCK_POOLS:
+                blocks = table.blocks(pool)
+                for block in hit.full_blocks.get(pool, ()):
+                    self.pools[pool].incref(block)
+                    blocks.append(block)
+                if pool in hit.tail_blocks:
+                    blocks.append(self.pools[pool].allocate())
+                    copies.append(CacheCopy(pool, hit.tail_blocks[pool], blocks[-1]))
+            self.prefix_cache.touch(hit, self._clock())
+        request.num_computed_tokens = hit.num_tokens if hit is not None else 0
+        self._tables[request_id] = table
+        if chain is not None:
+            self._chains[request_id] = chain
+            self._num_registered[request_id] = dict.fromkeys(BLOCK_POOLS, 0)
+            self.mark_computed(request)
+        return AdmitResult(table.copy(), copies, request.num_computed_tokens, reason, uncached)
+
+    def record_admission(self, request: Request, result: AdmitResult) -> None:
+        """Count an admission in the prefix-cache token counters."""
+        self.prefix_cache.record_lookup(request.num_tokens, result.num_cached_tokens, result.uncached_reason)
+
+    def ensure_capacity(self, request: Request, num_new_tokens: int) -> bool:
+        """Give the request blocks for every compressed entry completed by its next
+        `num_new_tokens` tokens ((start+n)//4 c4 entries, (start+n)//128 c128 entries).
+        Evicts checkpoints if needed; returns False, allocating nothing, if still short."""
+        if not isinstance(num_new_tokens, int) or num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens must be a non-negative int, got {num_new_tokens!r}")
+        table = self._table(request)
+        split = self.layout.block_split(request.num_computed_tokens + num_new_tokens)
+        needs = {pool: split[pool].num_blocks - len(table.blocks(pool)) for pool in BLOCK_POOLS}
+        if not self._make_room(needs):
+            return False
+        for pool, num_missing in needs.items():
+            table.blocks(pool).extend(self.pools[pool].allocate() for _ in range(num_missing))
+        return True
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def checkpoint(self, request: Request, num_tokens: int) -> list[CacheCopy]:
+        """Plan a checkpoint at `num_tokens`, the position the request's scheduled chunk
+        reaches. Returns the snapshot copies to run AFTER that forward; the checkpoint becomes
+        visible at `commit_checkpoints`. Returns [] when caching is off, the key exists, or no
+        room can be made (a checkpoint never displaces live requests)."""
+        if not self.enable_prefix_cache:
+            return []
+        table = self._table(request)
+        if not isinstance(num_tokens, int) or not 0 < num_tokens <= request.num_tokens:
+            raise ValueError(f"num_tokens must be in [1, {request.num_tokens}], got {num_tokens!r}")
+        split = self.layout.block_split(num_tokens)
+        if any(len(table.blocks(pool)) < split[pool].num_blocks for pool in BLOCK_POOLS):
+            raise ValueError(f"request {request.request_id!r} has no blocks for {num_tokens} tokens; "
+                             "call ensure_capacity first")
+        chain = self._chain_upto(request, num_tokens)
+        key = self._key_for(request, chain, num_tokens)
+        if key in self.prefix_cache or key in self._pending_keys:
+            return []
+        needs = {CachePool.WINDOW: 1, CachePool.STATE: int(self._has_state)}
+        needs.update({pool: int(split[pool].has_tail) for pool in BLOCK_POOLS})
+        if not self._make_room(needs):
+            return []
+
+        checkpoint = Checkpoint(key, self.pools[CachePool.WINDOW].allocate(), self._allocate_state())
+        copies = [CacheCopy(CachePool.WINDOW, table.window_slot, checkpoint.window_slot)]
+        if checkpoint.state_slot is not None:
+            copies.append(CacheCopy(CachePool.STATE, table.state_slot, checkpoint.state_slot))
+        for pool in BLOCK_POOLS:
+            blocks, num_full = table.blocks(pool), split[pool].num_full
+            checkpoint.full_blocks[pool] = self._share_full_blocks(pool, blocks, num_full, chain)
+            if split[pool].has_tail:
+                checkpoint.tail_blocks[pool] = self.pools[pool].allocate()
+                copies.append(CacheCopy(pool, blocks[num_full], checkpoint.tail_blocks[pool]))
+        self._pending.append((checkpoint, chain))
+        self._pending_keys.add(key)
+        return copies
+
+    def commit_checkpoints(self) -> None:
+        """The step's snapshot copies have run: make its checkpoints visible to lookups."""
+        now = self._clock()
+        for checkpoint, chain in self._pending:
+            self.prefix_cache.insert(checkpoint, chain, now)
+        self._pending.clear()
+        self._pending_keys.clear()
+
+    def discard_pending_checkpoints(self) -> None:
+        """Drop checkpoints whose snapshot copies never ran (a step that was not completed)."""
+        for checkpoint, _ in self._pending:
+            self._release(checkpoint.held_units())
+        self._pending.clear()
+        self._pending_keys.clear()
+
+    def mark_computed(self, request: Request) -> None:
+        """Register the request's newly completed full blocks under their content hash."""
+        request_id = request.request_id
+        if not self.enable_prefix_cache or request_id not in self._tables:
+            return
+        table = self._tables[request_id]
+        chain = self._chain_upto(request, request.num_computed_tokens)
+        split = self.layout.block_split(request.num_computed_tokens)
+        done = self._num_registered[request_id]
+        for pool in BLOCK_POOLS:
+            num_full = split[pool].num_full
+            for index in range(done[pool], num_full):
+                self.pools[pool].register(self._block_key(pool, index, chain), table.blocks(pool)[index])
+            done[pool] = max(done[pool], num_full)
+
+    def evict_all_checkpoints(self) -> int:
+        """Evict every committed checkpoint; returns how many."""
+        checkpoints = self.prefix_cache.checkpoints()
+        for checkpoint in checkpoints:
+            self._evict(checkpoint)
+        return len(checkpoints)
+
+    # ---- leaving ------------------------------------------------------------------------------
+
+    def finish(self, request: Request, cache_output: bool) -> None:
+        """Normal end of a request. With `cache_output` (and caching on) its live units become
+        an end-of-output checkpoint at num_computed_tokens — a transfer, no copy; blocks past
+        that point are freed. Otherwise, or if that checkpoint exists already, everything is
+        freed."""
+        request_id = request.request_id
+        table = self._tables.get(request_id)
+        num_tokens = request.num_computed_tokens
+        if table is None or not cache_output or not self.enable_prefix_cache or num_tokens <= 0:
+            self.free(request)
+            return
+        split = self.layout.block_split(num_tokens)
+        if any(len(table.blocks(pool)) < split[pool].num_blocks for pool in BLOCK_POOLS):
+            self.free(request)
+            return
+        chain = self._chain_upto(request, num_tokens)
+        key = self._key_for(request, chain, num_tokens)
+        if key in self.prefix_cache or key in self._pending_keys:
+            self.free(request)
+            return
+        checkpoint = Checkpoint(key, table.window_slot, table.state_slot)
+        for pool in BLOCK_POOLS:
+            blocks, num_full = table.blocks(pool), split[pool].num_full
+            checkpoint.full_blocks[pool] = blocks[:num_full]
+            if split[pool].has_tail:
+                checkpoint.tail_blocks[pool] = blocks[num_full]
+            self._release([(pool, block) for block in blocks[split[pool].num_blocks:]])
+        self._forget(request_id)
+        self.prefix_cache.insert(checkpoint, chain, self._clock())
+
+    def free(self, request: Request) -> None:
+        """Release everything the request holds (abort, preemption, error). Idempotent."""
+        table = self._tables.get(request.request_id)
+        self._forget(request.request_id)
+        if table is not None:
+            self._release(table.units())
+
+    # ---- reporting ----------------------------------------------------------------------------
+
+    def usage(self) -> CacheUsage:
+        live: dict[CachePool, set[int]] = {pool: set() for pool in CachePool}
+        for table in self._tables.values():
+            for pool, unit in table.units():
+                live[pool].add(unit)
+        pools, used_bytes, live_bytes, total_bytes = {}, 0, 0, 0
+        for kind, pool in self.pools.items():
+            num_live = len(live[kind])
+            pools[kind.value] = PoolUsage(pool.num_blocks, num_live, pool.num_used - num_live, pool.num_free)
+            unit = self.layout.unit_bytes(kind)
+            used_bytes += pool.num_used * unit
+            live_bytes += num_live * unit
+            total_bytes += pool.num_blocks * unit
+        return CacheUsage(
+            pools,
+            used_bytes / total_bytes if total_bytes else 0.0,
+            live_bytes / total_bytes if total_bytes else 0.0,
+        )
+
+    def check_integrity(self) -> None:
+        """Every unit's ref count equals its number of holders (tables + checkpoints)."""
+        expected: dict[CachePool, Counter] = {pool: Counter() for pool in CachePool}
+        holders = [table.units() for table in self._tables.values()]
+        holders += [c.held_units() for c in self.prefix_cache.checkpoints()]
+        holders += [c.held_units() for c, _ in self._pending]
+        for units in holders:
+            for pool, unit in units:
+                expected[pool][unit] += 1
+        for kind, pool in self.pools.items():
+            pool.check_integrity()
+            for unit in range(pool.num_blocks):
+                if pool.ref_count(unit) != expected[kind][unit]:
+                    raise AssertionError(
+                        f"pool {kind.value!r}: unit {unit} has ref count {pool.ref_count(unit)} "
+                        f"but {expected[kind][unit]} holders"
+                    )
+        self.prefix_cache.check_integrity()
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    @property
+    def _has_state(self) -> bool:
+        return self.layout.has_compressed_layers
+
+    def _allocate_state(self) -> int | None:
+        return self.pools[CachePool.STATE].allocate() if self._has_state else None
+
+    def _table(self, request: Request) -> BlockTable:
+        table = self._tables.get(request.request_id)
+        if table is None:
+            raise ValueError(f"request {request.request_id!r} is not admitted")
+        return table
+
+    def _forget(self, request_id: str) -> None:
+        self._tables.pop(request_id, None)
+        self._chains.pop(request_id, None)
+        self._num_registered.pop(request_id, None)
+        self._parked_chains.pop(request_id, None)
+
+    def _release(self, units: list[tuple[CachePool, int]]) -> None:
+        for pool, unit in units:
+            self.pools[pool].decref(unit)
+
+    def _chain_upto(self, request: Request, num_tokens: int) -> HashChain:
+        """The request's hash chain, extended to cover num_tokens // hash_page pages."""
+        chain = self._chains[request.request_id]
+        target = num_tokens // self.hash_page
+        if target > chain.num_pages:
+            chain.extend(request.token_ids_slice(chain.num_pages * self.hash_page, target * self.hash_page))
+        return chain
+
+    def _key_for(self, request: Request, chain: HashChain, num_tokens: int) -> CheckpointKey:
+        anchor = num_tokens // self.hash_page * self.hash_page
+        return self.prefix_cache.make_key(chain, num_tokens, request.token_ids_slice(anchor, num_tokens))
+
+    def _block_key(self, pool: CachePool, index: int, chain: HashChain) -> bytes:
+        """Content name of full block `index`: the chain value at the block's last token."""
+        block_tokens = self.layout.c4_block_tokens if pool is CachePool.C4 else self.layout.c128_block_tokens
+        return chain.value((index + 1) * block_tokens // self.hash_page)
+
+    def _share_full_blocks(
+        self, pool: CachePool, blocks: list[int], num_full: int, chain: HashChain
+    ) -> list[int]:
+        """Take a reference to each full block, preferring the copy already registered under
+        the same content hash (so identical prefixes computed twice are kept once)."""
+        shared = []
+        for index in range(num_full):
+            registered = self.pools[pool].cached_block(self._block_key(pool, index, chain))
+            block = blocks[index] if registered is None else registered
+            self.pools[pool].incref(block)
+            shared.append(block)
+        return shared
+
+    def _make_room(self, needs: dict[CachePool, int], protect: Checkpoint | None = None) -> bool:
+        """Evict LRU checkpoints until every pool has `needs[pool]` free units.
+
+        Only units held by checkpoints alone can be reclaimed; if they are too few, nothing is
+        evicted. First pass: checkpoints that free a unit of a short pool by themselves.
+        Second pass: holders of units that several checkpoints share (none frees them alone).
+        Checkpoints that hold nothing reclaimable in a short pool are never evicted here.
+        """
+        missing = self._short_pools(needs)
+        if not missing:
+            return True
+        candidates = [c for c in self.prefix_cache.checkpoints() if c is not protect]
+        reclaimable = self._reclaimable_units(candidates, needs, missing)
+        if reclaimable is None:
+            return False
+        for targeted in (True, False):
+            for checkpoint in candidates:
+                if not missing:
+                    return True
+                if checkpoint.key not in self.prefix_cache:
+                    continue  # evicted in the first pass
+                units = [(p, u) for p, u in checkpoint.held_units() if p in missing]
+                if targeted:
+                    helps = any(self.pools[p].ref_count(u) == 1 for p, u in units)
+                else:
+                    helps = any(unit in reclaimable for unit in units)
+                if helps:
+                    self._evict(checkpoint)
+                    missing = self._short_pools(needs)
+        return not missing
+
+    def _short_pools(self, needs: dict[CachePool, int]) -> set[CachePool]:
+        return {pool for pool, n in needs.items() if n > self.pools[pool].num_free}
+
+    def _reclaimable_units(
+        self, candidates: list[Checkpoint], needs: dict[CachePool, int], missing: set[CachePool]
+    ) -> set[tuple[CachePool, int]] | None:
+        """Units of short pools held by checkpoints only, or None if evicting every candidate
+        would still leave a pool short. Cheap path: stop scanning (LRU first) once the units
+        that single checkpoints hold alone are enough — the first pass will free exactly those."""
+        def enough(found: Counter) -> bool:
+            return all(self.pools[p].num_free + found[p] >= needs[p] for p in missing)
+
+        solo: Counter = Counter()
+        for checkpoint in candidates:
+            for pool, unit in checkpoint.held_units():
+                if pool in missing and self.pools[pool].ref_count(unit) == 1:
+                    solo[pool] += 1
+            if enough(solo):
+                return set()
+        holders = Counter(
+            (pool, unit) for c in candidates for pool, unit in c.held_units() if pool in missing
+        )
+        shared = {key for key, n in holders.items() if self.pools[key[0]].ref_count(key[1]) == n}
+        return shared if enough(Counter(pool for pool, _ in shared)) else None
+
+    def _evict(self, checkpoint: Checkpoint) -> None:
+        self.prefix_cache.remove(checkpoint, evicted=True)
+        self._release(checkpoint.held_units())

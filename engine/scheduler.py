@@ -1,0 +1,416 @@
+"""FCFS scheduler with chunked prefill, prefix-cache units and recompute preemption.
+
+Pure Python (no torch). One token-accounting rule, no prefill/decode modes: each step gives a
+request the tokens that let `num_computed_tokens` catch up with `num_tokens` (prompt + outputs),
+within the step's token budget. A chunk samples when it reaches the last known token.
+
+Per step (`schedule`):
+  1. running requests, FCFS: decodes first (one token each), then continuing prefills;
+  2. waiting requests, FCFS, while `max_num_seqs` and the budget allow (none after a preemption);
+  3. checkpoints for chunks that end on a cache-unit boundary (a multiple of `unit_interval`,
+     or the prompt end): a prefill chunk never crosses one, so the snapshot is exact.
+When a running request cannot get blocks, checkpoints are evicted first (in the KV manager),
+then the most recently arrived running request is preempted (its KV freed, recomputed later).
+A request that cannot fit even alone finishes with FINISHED_ERROR instead of looping.
+
+`update` consumes the sampled token ids, applies stop rules and returns per-request deltas.
+Call `abort_request` / `finish_request` between `update` and the next `schedule`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.kv_cache_manager import BlockTable, CacheCopy, KVCacheManager
+from engine.prefix_cache import MissReason
+from engine.request import FinishReason, Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    unit_interval: int = 2048
+    enable_prefix_cache: bool = True
+    max_model_len: int | None = None  # finish with "length" when a sequence reaches it
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "unit_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        max_len = self.max_model_len
+        if max_len is not None and (not isinstance(max_len, int) or max_len < 2):
+            raise ValueError(f"max_model_len must be None or an int >= 2, got {self.max_model_len!r}")
+
+
+@dataclass
+class ScheduledChunk:
+    """Tokens fed for one request this step. start_pos == 0 means a fresh sequence: the
+    runner must reset the compressor state slot before writing to it."""
+
+    request_id: str
+    token_ids: list[int]
+    start_pos: int
+    sample: bool  # the chunk reaches the last known token, so the runner samples after it
+    block_table: BlockTable
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    copies_before: list[CacheCopy]  # prefix-hit restores, run in order before the forward
+    copies_after: list[CacheCopy]  # checkpoint snapshots, run in order after the forward
+    preempted_ids: list[str]
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass
+class RequestDelta:
+    """What changed for one request in a step: its new tokens and whether it finished."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _StepPlan:
+    budget: int
+    chunks: dict[str, ScheduledChunk] = field(default_factory=dict)
+    copies_before: list[CacheCopy] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_manager: KVCacheManager,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if config.unit_interval != kv_manager.unit_interval:
+            raise ValueError(
+                f"config.unit_interval={config.unit_interval} differs from the KV manager's "
+                f"{kv_manager.unit_interval}"
+            )
+        if config.enable_prefix_cache != kv_manager.enable_prefix_cache:
+            raise ValueError("config.enable_prefix_cache differs from the KV manager's setting")
+        self.config = config
+        self.kv = kv_manager
+        self._clock = clock
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in arrival (add) order
+        self._arrival_order: dict[str, int] = {}
+        self._next_order = 0
+        self._in_flight: set[str] = set()
+        self._deltas_from_schedule: list[RequestDelta] = []
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if not isinstance(request, Request):
+            raise ValueError(f"request must be a Request, got {type(request).__name__}")
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already queued")
+        if request.status is not RequestStatus.WAITING or request.num_computed_tokens:
+            raise ValueError(f"request {request.request_id!r} must be new (WAITING, nothing computed)")
+        self.requests[request.request_id] = request
+        self._arrival_order[request.request_id] = self._next_order
+        self._next_order += 1
+        self.waiting.append(request)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Abort a waiting or running request and free its KV; None if it is unknown."""
+        return self.finish_request(request_id, FinishReason.ABORT)
+
+    def finish_request(
+        self, request_id: str, reason: FinishReason | str, stop_reason: int | str | None = None
+    ) -> Request | None:
+        """Finish a request from outside (a stop string matched, abort, error). A normal
+        finish ("stop"/"length") keeps its KV as an end-of-output checkpoint."""
+        status = RequestStatus.for_reason(reason)
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        cache_output = (
+            status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
+            and request.status is RequestStatus.RUNNING
+            and request_id not in self._in_flight  # a forward still writes to its slots
+        )
+        self._finish(request, status, stop_reason, cache_output)
+        return request
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "preemptions": self.num_preemptions,
+            "kv_cache": self.kv.usage().as_dict(),
+            "prefix_cache": self.kv.prefix_cache.stats(),
+        }
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        # Snapshots planned by a step that never reached update() were never copied.
+        self.kv.discard_pending_checkpoints()
+        plan = _StepPlan(budget=self.config.max_num_batched_tokens)
+        self._schedule_running(plan)
+        if not plan.preempted_ids:  # memory is short; admitting more would only thrash
+            self._schedule_waiting(plan)
+        copies_after: list[CacheCopy] = []
+        for chunk in plan.chunks.values():
+            request = self.requests[chunk.request_id]
+            end = chunk.start_pos + chunk.num_tokens
+            if self._is_unit_end(request, end):
+                copies_after += self.kv.checkpoint(request, end)
+        chunks = list(plan.chunks.values())
+        self._in_flight = {chunk.request_id for chunk in chunks}
+        return SchedulerOutput(
+            chunks=chunks,
+            copies_before=plan.copies_before,
+            copies_after=copies_after,
+            preempted_ids=plan.preempted_ids,
+            num_batched_tokens=sum(chunk.num_tokens for chunk in chunks),
+        )
+
+    def update(self, scheduler_output: SchedulerOutput, sampled: dict[str, int]) -> list[RequestDelta]:
+        """Apply a finished step: advance computed tokens, commit checkpoints, append the
+        sampled token of every sampling chunk, apply stop rules. Returns the deltas (also for
+        requests that `schedule` finished with an error)."""
+        done = []
+        for chunk in scheduler_output.chunks:
+            request = self.requests.get(chunk.request_id)
+            # Skip requests aborted or finished after schedule(), and stale outputs.
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue
+            if request.num_computed_tokens != chunk.start_pos:
+                continue
+            if chunk.sample:
+                token = sampled.get(chunk.request_id) if isinstance(sampled, dict) else None
+                if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                    raise ValueError(f"sampled must map {chunk.request_id!r} to a token id, got {token!r}")
+            done.append((request, chunk))
+
+        for request, chunk in done:
+            request.num_computed_tokens += chunk.num_tokens
+            self.kv.mark_computed(request)
+        self.kv.commit_checkpoints()  # before finishing, so end-of-output keys dedupe
+        self._in_flight.clear()
+
+        deltas, self._deltas_from_schedule = self._deltas_from_schedule, []
+        now = self._clock()
+        for request, chunk in done:
+            if not chunk.sample:
+                continue
+            token = sampled[request.request_id]
+            request.output_token_ids.append(token)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            status, stop_reason = self._check_stop(request, token)
+            if status is None:
+                deltas.append(RequestDelta(request.request_id, [token], False))
+                continue
+            self._finish(request, status, stop_reason, cache_output=True)
+            deltas.append(RequestDelta(request.request_id, [token], True, request.finish_reason, stop_reason))
+        return deltas
+
+    # ---- scheduling internals -----------------------------------------------------------------
+
+    def _schedule_running(self, plan: _StepPlan) -> None:
+        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        for request in decodes + prefills:
+            if plan.budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this step
+                continue
+            num_tokens = self._chunk_len(request, plan.budget)
+            if self._reserve(request, num_tokens, plan):
+                self._add_chunk(request, num_tokens, plan)
+
+    def _schedule_waiting(self, plan: _StepPlan) -> None:
+        while self.waiting and plan.budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            problem = self._admission_problem(request)
+            if problem:
+                self.waiting.popleft()
+                self._finish_with_error(request, problem)
+                continue
+            alone = not self.running and not plan.chunks
+            result = self.kv.lookup_and_admit(request)
+            if result is None:
+                if not alone:
+                    return
+                self.waiting.popleft()
+                self._finish_with_error(request, "no free KV cache slot even with the cache to itself")
+                continue
+            num_tokens = self._chunk_len(request, plan.budget)
+            if not self.kv.ensure_capacity(request, num_tokens):
+                self.kv.free(request)
+                request.num_computed_tokens = 0
+                if not alone:
+                    return
+                self.waiting.popleft()
+                self._finish_with_error(request, "not enough KV cache blocks even with the cache to itself")
+                continue
+            self.waiting.popleft()
+            first_admission = request.num_cached_tokens < 0
+            self._start_running(request, result.num_cached_tokens, result.miss_reason)
+            if first_admission:  # a preempted request's re-admission is not a new query
+                self.kv.record_admission(request, result)
+            plan.copies_before += result.copies
+            self._add_chunk(request, num_tokens, plan)
+
+    def _admission_problem(self, request: Request) -> str | None:
+        max_len = self.config.max_model_len
+        if max_len is not None and request.num_tokens >= max_len:
+            return f"prompt of {request.num_tokens} tokens leaves no room under max_model_len={max_len}"
+        if not self.kv.can_fit_alone(request.num_tokens):
+            return (f"prompt of {request.num_tokens} tokens exceeds the KV cache capacity of "
+                    f"{self.kv.max_num_tokens} tokens")
+        return None
+
+    def _start_running(
+        self, request: Request, num_cached_tokens: int, miss_reason: MissReason | None
+    ) -> None:
+        request.status = RequestStatus.RUNNING
+        if request.num_cached_tokens < 0:  # first admission: what usage reports
+            request.num_cached_tokens = num_cached_tokens
+            request.miss_reason = miss_reason.value if miss_reason is not None else None
+            request.first_scheduled_time = self._clock()
+        bisect.insort(self.running, request, key=lambda r: self._arrival_order[r.request_id])
+
+    def _reserve(self, request: Request, num_tokens: int, plan: _StepPlan) -> bool:
+        """Blocks for a running request's chunk, preempting newer requests if needed."""
+        while not self.kv.ensure_capacity(request, num_tokens):
+            victim = self.running[-1]  # the most recently arrived
+            if victim is request and len(self.running) == 1:
+                self._finish_with_error(
+                    request,
+                    f"sequence of {request.num_computed_tokens + num_tokens} tokens exceeds the KV "
+                    f"cache capacity of {self.kv.max_num_tokens} tokens",
+                )
+                return False
+            self._preempt(victim, plan)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request, plan: _StepPlan) -> None:
+        """Recompute preemption: free the KV, keep the outputs, requeue at the front."""
+        self.kv.free(request)
+        self.running.remove(request)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        chunk = plan.chunks.pop(request.request_id, None)
+        if chunk is not None:
+            plan.budget += chunk.num_tokens
+        plan.preempted_ids.append(request.request_id)
+
+    def _chunk_len(self, request: Request, budget: int) -> int:
+        start = request.num_computed_tokens
+        num_tokens = min(request.num_tokens - start, budget)
+        if self.config.enable_prefix_cache:
+            unit = self.config.unit_interval
+            boundary = (start // unit + 1) * unit
+            prompt_unit = self._prompt_unit(request)
+            if prompt_unit > start:
+                boundary = min(boundary, prompt_unit)
+            num_tokens = min(num_tokens, boundary - start)
+        return num_tokens
+
+    def _is_unit_end(self, request: Request, end: int) -> bool:
+        if not self.config.enable_prefix_cache:
+            return False
+        return end % self.config.unit_interval == 0 or end == self._prompt_unit(request)
+
+    @staticmethod
+    def _prompt_unit(request: Request) -> int:
+        """The end-of-prompt cache unit sits one token short of the prompt's end: a later
+        request with the *same* prompt can then resume from it and still has a token to
+        compute logits from (a unit at the very end could only serve longer prompts)."""
+        return request.num_prompt_tokens - 1
+
+    def _add_chunk(self, request: Request, num_tokens: int, plan: _StepPlan) -> None:
+        start = request.num_computed_tokens
+        end = start + num_tokens
+        plan.chunks[request.request_id] = ScheduledChunk(
+            request_id=request.request_id,
+            token_ids=request.token_ids_slice(start, end),
+            start_pos=start,
+            sample=end == request.num_tokens,
+            block_table=self.kv.block_table(request.request_id),
+        )
+        plan.budget -= num_tokens
+
+    # ---- finishing ------------------------------------------------------------------------------
+
+    def _check_stop(self, request: Request, token: int) -> tuple[RequestStatus | None, int | None]:
+        params = request.sampling_params
+        num_output = request.num_output_tokens
+        if num_output >= (getattr(params, "min_tokens", 0) or 0):
+            if token == request.eos_token_id and not getattr(params, "ignore_eos", False):
+                return RequestStatus.FINISHED_STOPPED, None
+            if token in (getattr(params, "stop_token_ids", None) or ()):
+                return RequestStatus.FINISHED_STOPPED, token
+        max_tokens = getattr(params, "max_tokens", None)
+        if max_tokens is not None and num_output >= max_tokens:
+            return RequestStatus.FINISHED_LENGTH, None
+        max_len = self.config.max_model_len
+        if max_len is not None and request.num_tokens >= max_len:
+            return RequestStatus.FINISHED_LENGTH, None
+        return None, None
+
+    def _finish(self, request: Request, status: RequestStatus, stop_reason, cache_output: bool) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.requests.pop(request.request_id, None)
+        self._arrival_order.pop(request.request_id, None)
+        if cache_output:
+            self.kv.finish(request, cache_output=True)
+        else:
+            self.kv.free(request)
+        request.status = status
+        request.finish_reason = status.finish_reason
+        request.stop_reason = stop_reason
+        request.finished_time = self._clock()
+
+    def _finish_with_error(self, request: Request, message: str) -> None:
+        self._finish(request, RequestStatus.FINISHED_ERROR, message, cache_output=False)
+        self._deltas_from_schedule.append(
+            RequestDelta(request.request_id, [], True, FinishReason.ERROR, message)
+        )
