@@ -49,13 +49,13 @@ def _fp8_entry_bytes(head_dim: int, rope_dim: int) -> int:
     """FlashMLA fp8_ds_mla record: e4m3 nope dims, bf16 rope dims, one e8m0 scale per 64 nope
     dims, padded to a multiple of 8 bytes (584 for head_dim 512, rope_dim 64)."""
     nope = head_dim - rope_dim
-    raw = nope + rope_dim * 2 + nope // 64
+    raw = nope + rope_dim * 2 + -(-nope // 64)  # a partial last block still has a scale
     return -(-raw // 8) * 8
 
 
 def _fp4_index_key_bytes(index_head_dim: int) -> int:
     """Indexer key as packed e2m1 (two values a byte) plus one e8m0 scale per 32 dims."""
-    return index_head_dim // 2 + index_head_dim // 32
+    return index_head_dim // 2 + -(-index_head_dim // 32)
 
 
 @dataclass(frozen=True)
@@ -116,15 +116,8 @@ class CacheLayout:
             entry_bytes = head_dim * kv_dtype_bytes
             index_key_bytes = index_head_dim * kv_dtype_bytes
         elif kv_cache_dtype == "fp8":
-            if (head_dim - rope_dim) % 64:
-                raise ValueError(
-                    f"kv_cache_dtype 'fp8' needs head_dim - rope_dim divisible by 64, "
-                    f"got {head_dim} - {rope_dim}"
-                )
-            if index_head_dim % 32:
-                raise ValueError(
-                    f"kv_cache_dtype 'fp8' needs index_head_dim divisible by 32, got {index_head_dim}"
-                )
+            if index_head_dim % 2:
+                raise ValueError(f"kv_cache_dtype 'fp8' needs an even index_head_dim, got {index_head_dim}")
             entry_bytes = _fp8_entry_bytes(head_dim, rope_dim)
             index_key_bytes = _fp4_index_key_bytes(index_head_dim)
         else:

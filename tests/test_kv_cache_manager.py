@@ -151,7 +151,7 @@ def test_block_split_into_full_and_tail_blocks():
         ({"compress_ratios": []}, "compress_ratios"),
         ({"kv_cache_dtype": "int8"}, "kv_cache_dtype"),
         ({"rope_dim": 512}, "rope_dim"),
-        ({"kv_cache_dtype": "fp8", "rope_dim": 60}, "divisible by 64"),
+        ({"kv_cache_dtype": "fp8", "index_head_dim": 33}, "even index_head_dim"),
         ({"c4_block_tokens": 250}, "c4_block_tokens"),
         ({"c128_block_tokens": 1000}, "c128_block_tokens"),
         ({"head_dim": 0}, "head_dim"),
@@ -415,3 +415,9 @@ def test_admitting_twice_is_a_value_error():
     manager.lookup_and_admit(request)
     with pytest.raises(ValueError, match="already admitted"):
         manager.lookup_and_admit(request)
+
+
+def test_fp8_layout_of_the_tiny_model_counts_a_partial_scale_block():
+    # head_dim 64, rope 16: 48 e4m3 + 32 bf16 bytes + 1 scale (a partial 64-block) → 81 → 88.
+    lay = CacheLayout.from_model([0, 4, 128, 4], 64, 32, 128, 16, kv_dtype_bytes=4, kv_cache_dtype="fp8")
+    assert lay.entry_bytes == 88 and lay.index_key_bytes == 16 + 1
