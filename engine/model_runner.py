@@ -68,6 +68,7 @@ class ModelRunner:
             self.cache.copy(c.pool, c.src, c.dst)
         return logits
 
+    @torch.inference_mode()
     def execute(self, sched_out, requests: dict) -> dict[str, SampleResult]:
         logits = self.forward(sched_out.chunks, sched_out.copies_before, sched_out.copies_after)
         sampling = [ch for ch in sched_out.chunks if ch.sample]

@@ -1,0 +1,446 @@
+"""`POST /chat/completions`: messages -> prompt ids -> engine -> DeepSeek-shaped reply or chunks.
+
+`plan_chat` validates the request and renders the prompt (thinking on by default, effort
+aliases, `prefix` only under /beta, tools, JSON mode); `ChatRun` drives the engine requests
+(one per choice) and turns their text into `reasoning_content` / `content` / `tool_calls`
+with one `OutputParser` per choice.
+
+Policies:
+- finish_reason: `length` when the engine hit max_tokens; `tool_calls` when at least one
+  complete call was parsed; `insufficient_system_resource` when the engine aborted or failed
+  the request (DeepSeek's "interrupted" reason); else `stop`.
+- Tool calls are returned as generated (DeepSeek's non-strict behaviour). Arguments that do not
+  match the tool's schema are logged and counted (`dsv4:tool_parse_errors{kind=
+  "schema_violation"}`); malformed DSML is counted as `malformed_dsml` and the calls closed
+  before it are kept. A call cut off mid-way is dropped from non-streaming replies.
+- `strict` on functions and `tool_choice: "required"` / named are accepted but not enforced
+  (no grammar); `tool_choice: "none"` hides the tools from the prompt.
+- `response_format: json_object` constrains the content with `server/json_constraint.py`
+  (reasoning stays free); `json_schema` is a 400 like DeepSeek ("must be text or json_object").
+- n > 1: choices are separate engine requests `<id>-<i>` (seed + i when seeded); usage counts
+  the prompt once (choice 0's cache split) and every choice's output.
+- Streams put usage on the final finish chunk always (DeepSeek); `include_usage` only turns
+  the other chunks' missing `usage` key into `usage: null` (api-surface §3.3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from engine.sampling import SamplingParams
+from server.chat_template import THINK_END, encode_messages, ends_inside_reasoning
+from server.errors import invalid_request
+from server.json_constraint import JsonObjectProcessor
+from server.parsers import Delta, OutputParser, validate_tool_arguments
+from server.protocol import (
+    DEFAULT_MAX_TOKENS_CHAT, DEFAULT_MAX_TOKENS_MAX_EFFORT, DEFAULT_MAX_TOKENS_THINKING, EFFORT_ALIASES,
+    MAX_TOP_LOGPROBS, ChatCompletionRequest, UsageCounts, cache_salt, check_n, check_sampling,
+    check_stream_options, logprob_entry, resolve_max_tokens,
+)
+from server.serve_config import ServerContext
+from server.streaming import EngineJob, json_response, keepalive_events, sse_response, wait_first
+
+logger = logging.getLogger(__name__)
+
+MAX_TOOLS = 128
+_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_OMIT = object()
+
+
+@dataclass
+class ChatPlan:
+    """A validated chat request, ready for the engine."""
+
+    model: str
+    thinking: bool
+    tools: list[dict] | None  # offered to the model (and the parser)
+    prompt_ids: list[int]
+    starts_in_reasoning: bool
+    params: list[SamplingParams]
+    cache_salt: str
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    top_logprobs: int
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def resolve_thinking(ctx: ServerContext, thinking_obj: dict | None, reasoning_effort: str | None,
+                     model: str) -> tuple[bool, str | None]:
+    """(thinking on?, encoder effort level) from `thinking`, `reasoning_effort` and the model
+    name; a top-level `reasoning_effort` wins over one inside `thinking`."""
+    thinking_obj = thinking_obj or {}
+    kind = thinking_obj.get("type")
+    if kind not in (None, "enabled", "disabled"):
+        raise invalid_request(f"thinking.type must be 'enabled' or 'disabled', got {kind!r}", "thinking.type")
+    effort_name = reasoning_effort if reasoning_effort is not None else thinking_obj.get("reasoning_effort")
+    if effort_name is not None and (not isinstance(effort_name, str) or effort_name not in EFFORT_ALIASES):
+        raise invalid_request(f"reasoning_effort must be one of low, high, max (aliases: {sorted(EFFORT_ALIASES)}), "
+                              f"got {effort_name!r}", "reasoning_effort")
+    thinking = ctx.config.thinking_default(model) if kind is None else kind == "enabled"
+    if effort_name == "none" and kind is None:  # the Responses-format spelling of "thinking off"
+        thinking = False
+    return thinking, EFFORT_ALIASES.get(effort_name) if effort_name is not None else None
+
+
+def _check_tools(tools: list[dict] | None, tool_choice) -> list[dict] | None:
+    """Validated tools as offered to the model (None: no tools in the prompt)."""
+    if tools is not None and len(tools) > MAX_TOOLS:
+        raise invalid_request(f"tools accepts at most {MAX_TOOLS} functions, got {len(tools)}", "tools")
+    names = []
+    for i, tool in enumerate(tools or []):
+        function = tool.get("function")
+        if tool.get("type") != "function" or not isinstance(function, dict):
+            raise invalid_request(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", f"tools[{i}]")
+        name = function.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            raise invalid_request(f"tools[{i}].function.name must match [a-zA-Z0-9_-]{{1,64}}, got {name!r}",
+                                  f"tools[{i}].function.name")
+        parameters = function.get("parameters", {"type": "object"})
+        if not isinstance(parameters, dict):
+            raise invalid_request(f"tools[{i}].function.parameters must be a JSON Schema object",
+                                  f"tools[{i}].function.parameters")
+        try:
+            validate_tool_arguments(function, {})
+        except ValueError as err:
+            raise invalid_request(f"tools[{i}].function.parameters is not a valid JSON Schema: {err}",
+                                  f"tools[{i}].function.parameters") from None
+        names.append(name)
+    if tool_choice is None or tool_choice in ("auto", "required"):
+        return tools or None
+    if tool_choice == "none":
+        return None
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        function = tool_choice.get("function")
+        wanted = function.get("name") if isinstance(function, dict) else None
+        if wanted not in names:
+            raise invalid_request(f"tool_choice names function {wanted!r}, which is not in tools", "tool_choice")
+        return tools
+    raise invalid_request("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', "
+                          "'function': {'name': ...}}", "tool_choice")
+
+
+def _check_response_format(response_format: dict | None) -> bool:
+    """True for JSON Output."""
+    if response_format is None:
+        return False
+    kind = response_format.get("type", "text")
+    if kind not in ("text", "json_object"):
+        raise invalid_request(f"response_format.type must be text or json_object, got {kind!r}",
+                              "response_format.type")
+    return kind == "json_object"
+
+
+def _check_prefix(messages: list[dict], is_beta: bool) -> None:
+    for i, message in enumerate(messages):
+        if message.get("prefix") and not is_beta:
+            raise invalid_request("Chat prefix completion (`prefix: true`) is a Beta feature: use the "
+                                  "/beta base URL", f"messages[{i}].prefix")
+
+
+def plan_chat(ctx: ServerContext, req: ChatCompletionRequest, is_beta: bool) -> ChatPlan:
+    model = ctx.resolve_model(req.model)
+    thinking, effort = resolve_thinking(ctx, req.thinking, req.reasoning_effort, model)
+    _check_prefix(req.messages, is_beta)
+    tools = _check_tools(req.tools, req.tool_choice)
+    json_mode = _check_response_format(req.response_format)
+    n = check_n(req.n)
+    sampling = check_sampling(req, thinking)
+    include_usage = check_stream_options(req.stream, req.stream_options)
+    salt = cache_salt(req.user_id, req.user)
+    if req.top_logprobs is not None:
+        if not req.logprobs:
+            raise invalid_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise invalid_request(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}",
+                                  "top_logprobs")
+
+    prompt = encode_messages(req.messages, thinking=thinking, reasoning_effort=effort, tools=tools,
+                             response_format=req.response_format if json_mode else None)
+    prompt_ids = ctx.engine.tokenizer.encode(prompt)
+    starts_in_reasoning = ends_inside_reasoning(prompt)
+
+    if req.max_tokens is not None:
+        requested, param = req.max_tokens, "max_tokens"
+    else:
+        requested, param = req.max_completion_tokens, "max_completion_tokens"
+    default = (DEFAULT_MAX_TOKENS_MAX_EFFORT if effort == "max" else DEFAULT_MAX_TOKENS_THINKING) \
+        if thinking else DEFAULT_MAX_TOKENS_CHAT
+    max_tokens = resolve_max_tokens(requested, param, default, len(prompt_ids), ctx.engine.max_model_len)
+
+    think_end_id = ctx.engine.tokenizer.token_to_id(THINK_END)
+    params = []
+    for i in range(n):
+        processors = []
+        if json_mode:
+            processors.append(JsonObjectProcessor(ctx.json_index, think_end_id if starts_in_reasoning else None))
+        try:
+            params.append(SamplingParams(
+                max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                seed=None if sampling.seed is None else sampling.seed + i, stop=sampling.stop,
+                ignore_eos=req.ignore_eos,
+                logprobs=(req.top_logprobs or 0) if req.logprobs else None, logits_processors=processors))
+        except ValueError as err:
+            raise invalid_request(str(err)) from None
+    return ChatPlan(model=req.model, thinking=thinking, tools=tools, prompt_ids=prompt_ids,
+                    starts_in_reasoning=starts_in_reasoning, params=params, cache_salt=salt,
+                    stream=req.stream, include_usage=include_usage, logprobs=bool(req.logprobs),
+                    top_logprobs=req.top_logprobs or 0)
+
+
+# ---------------------------------------------------------------------------- one choice
+
+
+@dataclass
+class ChatChoice:
+    """The parse and the token accounting of one choice."""
+
+    index: int
+    parser: OutputParser
+    in_reasoning: bool
+    think_end_id: int | None
+    eos_id: int
+    num_reasoning_tokens: int = 0
+    engine_finish: str | None = None
+    last_output: object = None
+    has_started: bool = False
+    logprobs: dict = field(default_factory=lambda: {"content": [], "reasoning_content": []})
+    pending_logprobs: dict = field(default_factory=lambda: {"content": [], "reasoning_content": []})
+
+    def feed(self, out, token_table, top_n: int) -> list[Delta]:
+        """Fold one engine output in; the parser's deltas (plus its final ones when finished)."""
+        self.last_output = out
+        entries = out.logprobs or []
+        for position, token_id in enumerate(out.new_token_ids):
+            part = "reasoning_content" if self.in_reasoning else "content"
+            if self.in_reasoning:
+                self.num_reasoning_tokens += 1
+                self.in_reasoning = token_id != self.think_end_id
+            if position < len(entries) and token_id != self.eos_id:
+                e = entries[position]
+                item = logprob_entry(token_table, e.token_id, e.logprob, e.top, top_n)
+                self.logprobs[part].append(item)
+                self.pending_logprobs[part].append(item)
+        deltas = self.parser.feed(out.new_text)
+        if out.finished:
+            deltas += self.parser.finish()
+            self.engine_finish = out.finish_reason or "abort"  # engine aborts carry no reason
+            if out.finish_reason in ("abort", "error"):
+                logger.warning("request %s ended by the engine: %s (%s)", out.request_id, out.finish_reason,
+                               out.stop_reason)
+        return deltas
+
+    def take_pending_logprobs(self, thinking: bool) -> dict:
+        taken = {"content": self.pending_logprobs["content"]}
+        if thinking:
+            taken["reasoning_content"] = self.pending_logprobs["reasoning_content"]
+        self.pending_logprobs = {"content": [], "reasoning_content": []}
+        return taken
+
+    @property
+    def complete_calls(self) -> list:
+        return [call for call in self.parser.tool_calls if call.is_complete]
+
+    @property
+    def finish_reason(self) -> str:
+        if self.engine_finish == "length":
+            return "length"
+        if self.engine_finish in ("abort", "error"):
+            return "insufficient_system_resource"
+        return "tool_calls" if self.complete_calls else "stop"
+
+
+# ---------------------------------------------------------------------------- wire shapes
+
+
+@dataclass(frozen=True)
+class ChunkFormat:
+    """DeepSeek's `chat.completion.chunk` shapes for one request (api-surface §3.2)."""
+
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str
+    thinking: bool
+    include_usage: bool
+
+    def chunk(self, index: int, delta: dict, finish_reason: str | None = None, logprobs=None,
+              usage=_OMIT) -> dict:
+        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                 "system_fingerprint": self.system_fingerprint,
+                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+        if usage is not _OMIT:
+            chunk["usage"] = usage
+        elif self.include_usage:  # DeepSeek: include_usage only turns the absent key into null
+            chunk["usage"] = None
+        return chunk
+
+    def role_delta(self) -> dict:
+        """The first delta: thinking mode opens with an empty `reasoning_content`."""
+        if self.thinking:
+            return {"role": "assistant", "content": None, "reasoning_content": ""}
+        return {"role": "assistant", "content": ""}
+
+    def delta(self, delta: Delta) -> dict:
+        if delta.reasoning is not None:
+            return {"content": None, "reasoning_content": delta.reasoning}
+        if delta.content is not None:
+            return {"content": delta.content, "reasoning_content": None} if self.thinking else {"content": delta.content}
+        call = delta.tool_call
+        piece: dict = {"index": call.index}
+        if call.id is not None:
+            piece.update(id=call.id, type="function", function={"name": call.name, "arguments": call.arguments})
+        else:
+            piece["function"] = {"arguments": call.arguments}
+        return {"tool_calls": [piece]}
+
+
+def tool_call_problems(parser: OutputParser, tools: list[dict] | None) -> list[str]:
+    """Metric kinds of what went wrong with one choice's tool calls: `malformed_dsml` once if
+    the markup broke, `schema_violation` per complete call whose arguments miss its schema."""
+    problems = []
+    if parser.parse_errors:
+        logger.warning("malformed tool-call markup: %s", parser.parse_errors)
+        problems.append("malformed_dsml")
+    by_name = {t["function"]["name"]: t for t in tools or []}
+    for call in parser.tool_calls:
+        if not call.is_complete:
+            continue
+        try:
+            errors = validate_tool_arguments(by_name[call.name], json.loads(call.arguments))
+        except (ValueError, KeyError) as err:
+            errors = [str(err)]
+        if errors:
+            logger.warning("tool call %s(%s) does not match its schema: %s", call.name, call.arguments, errors)
+            problems.append("schema_violation")
+    return problems
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+class ChatRun:
+    """One API request in flight: its choices, and the response it turns into."""
+
+    def __init__(self, ctx: ServerContext, plan: ChatPlan):
+        self.ctx = ctx
+        self.plan = plan
+        self.id = str(uuid.uuid4())
+        self.created = int(time.time())
+        tokenizer = ctx.engine.tokenizer
+        think_end_id = tokenizer.token_to_id(THINK_END)
+        self.choices = [
+            ChatChoice(index=i, parser=OutputParser(plan.thinking, plan.tools,
+                                                    starts_in_reasoning=plan.starts_in_reasoning),
+                       in_reasoning=plan.starts_in_reasoning, think_end_id=think_end_id, eos_id=tokenizer.eos_id)
+            for i in range(len(plan.params))]
+        self.format = ChunkFormat(self.id, self.created, plan.model, ctx.system_fingerprint, plan.thinking,
+                                  plan.include_usage)
+        self.job = EngineJob(ctx.engine, [f"{self.id}-{i}" for i in range(len(plan.params))],
+                             plan.prompt_ids, plan.params, plan.cache_salt)
+        self._usage: dict | None = None
+        self._accounted = False
+
+    # ---- accounting ------------------------------------------------------------------------
+
+    def usage(self) -> UsageCounts:
+        first = self.choices[0].last_output
+        return UsageCounts(
+            prompt_tokens=first.num_prompt_tokens if first else len(self.plan.prompt_ids),
+            cache_hit_tokens=first.num_cached_tokens if first else 0,
+            completion_tokens=sum(c.last_output.num_output_tokens for c in self.choices if c.last_output),
+            reasoning_tokens=sum(c.num_reasoning_tokens for c in self.choices) if self.plan.thinking else 0)
+
+    def settle(self) -> dict:
+        """Bill the request and feed metrics (once); the usage object."""
+        if self._usage is None:
+            for choice in self.choices:
+                for kind in tool_call_problems(choice.parser, self.plan.tools):
+                    self.ctx.count_tool_parse_error(kind)
+            counts = self.usage()
+            cost = self.ctx.account(self.job.progress, [_metric_reason(c) for c in self.choices], counts)
+            self._usage = counts.to_dict(cost)
+            self._accounted = True
+        return self._usage
+
+    def on_closed(self) -> None:
+        """Client gone or failure before the end: record the requests, bill nothing."""
+        if not self._accounted:
+            self._accounted = True
+            self.ctx.account(self.job.progress, [_metric_reason(c) for c in self.choices], None)
+
+    # ---- non-streaming ---------------------------------------------------------------------
+
+    def consume(self, index: int, out) -> None:
+        self.choices[index].feed(out, self.ctx.token_table, self.plan.top_logprobs)
+
+    def body(self) -> dict:
+        choices = []
+        for choice in self.choices:
+            message = {"role": "assistant", "content": choice.parser.content}
+            if self.plan.thinking:
+                message["reasoning_content"] = choice.parser.reasoning
+            calls = choice.complete_calls
+            if calls:
+                message["tool_calls"] = [
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in calls]
+            logprobs = None
+            if self.plan.logprobs:
+                logprobs = {"content": choice.logprobs["content"]}
+                if self.plan.thinking:
+                    logprobs["reasoning_content"] = choice.logprobs["reasoning_content"]
+            choices.append({"index": choice.index, "message": message, "logprobs": logprobs,
+                            "finish_reason": choice.finish_reason})
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.plan.model,
+                "system_fingerprint": self.ctx.system_fingerprint, "choices": choices, "usage": self.settle()}
+
+    # ---- streaming -------------------------------------------------------------------------
+
+    def render(self, index: int, out) -> list[dict]:
+        """Chunks for one engine output of choice `index`."""
+        choice = self.choices[index]
+        chunks = []
+        if not choice.has_started:
+            choice.has_started = True
+            chunks.append(self.format.chunk(index, self.format.role_delta(), usage=None))
+        for delta in choice.feed(out, self.ctx.token_table, self.plan.top_logprobs):
+            logprobs = choice.take_pending_logprobs(self.plan.thinking) if self.plan.logprobs else None
+            chunks.append(self.format.chunk(index, self.format.delta(delta), logprobs=logprobs))
+        if out.finished:
+            logprobs = choice.take_pending_logprobs(self.plan.thinking) if self.plan.logprobs else None
+            usage = self.settle() if self.job.is_done else _OMIT
+            chunks.append(self.format.chunk(index, {"content": "", "role": None}, choice.finish_reason, logprobs,
+                                            usage))
+        return chunks
+
+
+def _metric_reason(choice: ChatChoice) -> str:
+    if choice.engine_finish is None or choice.engine_finish == "abort":
+        return "abort"
+    if choice.engine_finish == "error":
+        return "error"
+    return choice.finish_reason
+
+
+async def create_chat_completion(ctx: ServerContext, request: Request, req: ChatCompletionRequest,
+                                 is_beta: bool) -> Response:
+    plan = plan_chat(ctx, req, is_beta)
+    run = ChatRun(ctx, plan)
+    interval = ctx.config.keep_alive_interval
+    first = await wait_first(run.job, interval)
+    if plan.stream:
+        events = keepalive_events(run.job, first, interval, run.render)
+        return sse_response(events, run.job, run.id, ctx.config.drain_timeout, on_close=run.on_closed)
+    return await json_response(request, run.job, first, run.consume, run.body, interval, run.id,
+                               on_close=run.on_closed)

@@ -1,0 +1,173 @@
+"""`dsv4`: the console entry point. Subcommands: `serve`, `make-tiny`, `bench serve`.
+
+argparse -> `EngineConfig` + `ServeConfig` -> uvicorn. Heavy imports (torch, the engine,
+FastAPI) happen inside the subcommand that needs them, so `dsv4 --help` stays fast. Bad flag
+values exit with status 2 and a message naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `1073741824`, `512MiB`, `2GB`, `1.5G` (K/M/G/T; `i` = powers of 1024)."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1073741824, 512MiB, 2GB)")
+    number, unit, binary = match.groups()
+    power = "KMGT".find(unit.upper()) + 1 if unit else 0
+    value = int(float(number) * (1024 if binary else 1000) ** power)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be at least 1 byte, got {text!r}")
+    return value
+
+
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="run the OpenAI/DeepSeek-compatible HTTP server")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory (default: the embedded model, made on first use)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", default=[], dest="api_keys", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (repeat for several keys)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model name clients use (default: deepseek-v4-flash); DeepSeek's names are aliases")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step")
+    engine.add_argument("--max-model-len", type=int, default=None, help="context window cap in tokens")
+    engine.add_argument("--kv-cache-memory", type=parse_size, default=None,
+                        help="KV cache bytes, e.g. 8GiB (default: share of free GPU memory / 256 MiB on CPU)")
+    engine.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto")
+    engine.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching")
+    engine.add_argument("--prefix-cache-unit", type=int, default=2048,
+                        help="checkpoint interval in tokens inside long prompts (multiple of 64)")
+    engine.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    engine.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    engine.add_argument("--tensor-parallel-size", type=int, default=1)
+    engine.add_argument("--enable-expert-parallel", action="store_true")
+    engine.add_argument("--seed", type=int, default=0)
+    engine.add_argument("--max-queue", type=int, default=1024,
+                        help="waiting requests before new ones get HTTP 429")
+    server = p.add_argument_group("server")
+    server.add_argument("--keep-alive-interval", type=float, default=10.0,
+                        help="seconds between keep-alives sent to requests that are still waiting")
+    server.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds running requests get to finish on shutdown")
+    server.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    prices = p.add_argument_group("pricing (USD per 1M tokens; see server/pricing.py)")
+    prices.add_argument("--price-table", default=None, metavar="FILE", help="JSON or YAML price table")
+    prices.add_argument("--price-cache-hit", type=float, default=None)
+    prices.add_argument("--price-cache-miss", type=float, default=None)
+    prices.add_argument("--price-output", type=float, default=None)
+    p.set_defaults(func=run_serve)
+
+
+def _add_make_tiny(subparsers) -> None:
+    p = subparsers.add_parser("make-tiny", help="write a tiny random V4 checkpoint (for tests and demos)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", type=int, default=1)
+    p.set_defaults(func=run_make_tiny)
+
+
+def _add_bench(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks")
+    kinds = p.add_subparsers(dest="bench_kind", required=True)
+    # The flags belong to server/bench_serve.py, parsed there, so `dsv4 --help` needn't import it.
+    serve = kinds.add_parser("serve", add_help=False,
+                             help="load-test an OpenAI-compatible server (dsv4 bench serve --help)")
+    serve.add_argument("bench_args", nargs=argparse.REMAINDER, help="bench flags")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 serving daemon")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_serve(subparsers)
+    _add_make_tiny(subparsers)
+    _add_bench(subparsers)
+    return parser
+
+
+def build_configs(args: argparse.Namespace):
+    """(EngineConfig, ServeConfig, max_queue) from parsed `serve` flags; ValueError names the flag."""
+    from engine.engine_config import EngineConfig
+    from server.pricing import load_price_table
+    from server.serve_config import DEFAULT_SERVED_MODEL_NAME, ServeConfig
+
+    if args.max_queue < 1:
+        raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
+    engine_config = EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
+        kv_cache_dtype=args.kv_cache_dtype, enable_prefix_cache=not args.no_prefix_cache,
+        prefix_cache_unit=args.prefix_cache_unit, max_model_len=args.max_model_len,
+        tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+        seed=args.seed)
+    served_name = args.served_model_name or DEFAULT_SERVED_MODEL_NAME
+    price_table = load_price_table(args.price_table, served_name, args.price_cache_hit, args.price_cache_miss,
+                                   args.price_output)
+    serve_config = ServeConfig(
+        host=args.host, port=args.port, api_keys=tuple(args.api_keys), served_model_name=served_name,
+        keep_alive_interval=args.keep_alive_interval, drain_timeout=args.drain_timeout, price_table=price_table,
+        log_level=args.log_level)
+    return engine_config, serve_config, args.max_queue
+
+
+def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        engine_config, serve_config, max_queue = build_configs(args)
+    except ValueError as err:
+        parser.error(str(err))
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from engine.async_engine import AsyncEngine
+    from server.app import create_app
+
+    app = create_app(AsyncEngine(engine_config, max_queue=max_queue), serve_config)
+    uvicorn.run(app, host=serve_config.host, port=serve_config.port, log_level=serve_config.log_level,
+                timeout_graceful_shutdown=int(serve_config.drain_timeout) + 1)
+    return 0
+
+
+def run_make_tiny(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from engine.make_tiny import make_tiny
+
+    if args.shards < 1:
+        parser.error(f"--shards must be >= 1, got {args.shards}")
+    make_tiny(args.out, seed=args.seed, shards=args.shards)
+    print(f"wrote a tiny DeepSeek-V4 checkpoint to {args.out}")
+    return 0
+
+
+def run_bench_serve(bench_argv: list[str]) -> int:
+    from server import bench_serve
+
+    bench_parser = argparse.ArgumentParser(prog="dsv4 bench serve", description=bench_serve.__doc__.split("\n\n")[0])
+    bench_serve.add_arguments(bench_parser)
+    bench_args = bench_parser.parse_args(bench_argv)
+    try:
+        bench_serve.run(bench_args)
+    except ValueError as err:
+        bench_parser.error(str(err))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "serve"]:  # its flags are parsed by bench_serve itself
+        return run_bench_serve(argv[2:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Errors on the wire: the OpenAI envelope with DeepSeek's status codes. The only place that
+picks HTTP codes.
+
+Envelope: `{"error": {"message", "type", "param", "code"}}` with string `code`s (DeepSeek style,
+not vLLM's integer). Status policy (api-surface §6):
+- 400 invalid_request_error: malformed JSON, invalid values, template errors, context length,
+  unknown model ("Model Not Exist", as older DeepSeek did), `prefix` outside /beta.
+- 422 invalid_request_error: the body does not deserialize into the request type (wrong types,
+  missing fields) — DeepSeek answers these with 422 "Failed to deserialize the JSON body".
+- 401 authentication_error, 404 for unknown routes, 429 rate_limit_reached (queue full),
+  503 server_overloaded (shutting down, engine failure), 500 server_error for anything unexpected (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.chat_template import ChatTemplateError
+
+logger = logging.getLogger(__name__)
+
+INVALID_REQUEST = "invalid_request_error"
+
+
+class APIError(Exception):
+    """An error the client should see: HTTP status plus the OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, *, type: str = INVALID_REQUEST,
+                 param: str | None = None, code: str = INVALID_REQUEST):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = INVALID_REQUEST, param: str | None = None,
+               code: str = INVALID_REQUEST) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def invalid_request(message: str, param: str | None = None) -> APIError:
+    """400: the request is well-formed JSON of the right shape, but a value is not acceptable."""
+    return APIError(400, message, param=param)
+
+
+def invalid_parameters(message: str, param: str | None = None) -> APIError:
+    """422: the body does not deserialize into the request type."""
+    return APIError(422, message, param=param)
+
+
+def authentication_failed(given_key: str | None) -> APIError:
+    if given_key:
+        message = f"Authentication Fails, Your api key: ****{given_key[-4:]} is invalid"
+    else:
+        message = "Authentication Fails, no api key provided (use 'Authorization: Bearer <key>')"
+    return APIError(401, message, type="authentication_error")
+
+
+def queue_full(detail: str = "the request queue is full") -> APIError:
+    return APIError(429, f"Rate Limit Reached: {detail}, retry after a wait",
+                    type="rate_limit_error", code="rate_limit_reached")
+
+
+def unavailable() -> APIError:
+    return APIError(503, "Server Overloaded: the server is not accepting requests (shutting down or "
+                    "engine failure), retry after a wait",
+                    type="server_error", code="server_overloaded")
+
+
+def model_not_found(model: str, known: list[str]) -> APIError:
+    return APIError(400, f"Model Not Exist: {model!r}; this server serves {known}", param="model",
+                    code="model_not_found")
+
+
+# Union members in pydantic locations (`stop.str`, `stop.list[str]`) are not parameters.
+_UNION_TAG = re.compile(r"(str|int|float|bool|none|list\[.*\]|dict\[.*\])")
+
+
+def _location(loc: tuple) -> str | None:
+    """Pydantic's error location as the parameter path clients know: messages[0].role."""
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and _UNION_TAG.fullmatch(p))]
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if part.isdigit() else (f".{part}" if path else part)
+    return path or None
+
+
+def from_validation_error(err: ValidationError | RequestValidationError) -> APIError:
+    """The first pydantic problem as a 422 naming the parameter."""
+    first = err.errors()[0]
+    param = _location(tuple(first.get("loc", ())))
+    where = f"{param}: " if param else ""
+    return invalid_parameters(
+        f"Failed to deserialize the JSON body into the target type: {where}{first.get('msg')}", param)
+
+
+def _response(error: APIError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _response(exc)
+
+    @app.exception_handler(ChatTemplateError)
+    async def _template_error(request: Request, exc: ChatTemplateError):
+        return _response(invalid_request(str(exc), exc.param))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return _response(from_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = "not_found" if exc.status_code == 404 else INVALID_REQUEST
+        return _response(APIError(exc.status_code, str(exc.detail), code=code), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _response(APIError(500, "Server Error: an internal error occurred, retry after a wait",
+                                  type="server_error", code="server_error"))

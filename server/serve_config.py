@@ -1,0 +1,160 @@
+"""Server settings (`ServeConfig`, frozen, built by `dsv4 serve`) and the per-app runtime
+context (`ServerContext`: engine, metrics, billing, token tables) the handlers share.
+
+Model names: the served name plus DeepSeek's public names are all answered by the one loaded
+model. `deepseek-chat` defaults to thinking off and `deepseek-reasoner` to thinking on; every
+other name defaults to thinking on. Requests are billed at the served name's prices (whatever
+alias they used); a served name missing from the price table gets `cost: null`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from server.errors import model_not_found
+from server.json_constraint import JsonVocabIndex, TokenTable
+from server.metrics import Metrics
+from server.pricing import CostBreakdown, PriceTable
+from server.protocol import UsageCounts
+
+logger = logging.getLogger(__name__)
+
+PUBLIC_MODEL_NAMES = ("deepseek-v4-pro", "deepseek-v4-flash", "deepseek-chat", "deepseek-reasoner")
+THINKING_DEFAULT_BY_NAME = {"deepseek-chat": False, "deepseek-reasoner": True}
+DEFAULT_SERVED_MODEL_NAME = "deepseek-v4-flash"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    served_model_name: str = DEFAULT_SERVED_MODEL_NAME
+    keep_alive_interval: float = 10.0  # seconds between keep-alives while a request waits
+    drain_timeout: float = 30.0  # seconds running requests get to finish at shutdown
+    price_table: PriceTable = field(default_factory=PriceTable.default)
+    log_level: str = "info"
+
+    def __post_init__(self):
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port!r}")
+        if not isinstance(self.served_model_name, str) or not self.served_model_name:
+            raise ValueError("served_model_name must be a non-empty string")
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        if any(not isinstance(k, str) or not k for k in self.api_keys):
+            raise ValueError("api_keys must be non-empty strings")
+        for name in ("keep_alive_interval", "drain_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """The served name first, then the public aliases (no duplicates)."""
+        return tuple(dict.fromkeys((self.served_model_name, *PUBLIC_MODEL_NAMES)))
+
+    def thinking_default(self, model: str) -> bool:
+        return THINKING_DEFAULT_BY_NAME.get(model, True)
+
+
+class ServerContext:
+    """What handlers share: the engine, the config, metrics and lazily built token tables."""
+
+    def __init__(self, engine, config: ServeConfig):
+        self.engine = engine
+        self.config = config
+        self.is_draining = False
+        self.started_at = time.time()
+        self.metrics: Metrics | None = None
+        self._token_table: TokenTable | None = None
+        self._json_index: JsonVocabIndex | None = None
+        self.system_fingerprint = ""
+        self._engine_totals: dict[str, int] = {}  # engine counters at the last scrape
+        self._ended_tokens = {"prompt": 0, "output": 0}  # tokens of requests ended since then
+
+    def on_engine_started(self) -> None:
+        if self.engine.tokenizer is None:
+            raise RuntimeError("the checkpoint has no tokenizer.json; `dsv4 serve` needs one for text I/O")
+        self.metrics = Metrics(self.config.served_model_name, max_model_len=self.engine.max_model_len)
+        digest = hashlib.sha256(f"{self.config.served_model_name}:{self.engine.model_config!r}".encode())
+        self.system_fingerprint = f"fp_{digest.hexdigest()[:10]}_dsv4"
+        self._token_table = TokenTable(self.engine.tokenizer)  # once, at startup, not in a request
+
+    # ---- models --------------------------------------------------------------------------
+
+    def resolve_model(self, model: str) -> str:
+        if model not in self.config.model_names:
+            raise model_not_found(model, list(self.config.model_names))
+        return model
+
+    # ---- token tables (shared by all requests; the JSON index is built on first use) -----
+
+    @property
+    def token_table(self) -> TokenTable:
+        if self._token_table is None:
+            self._token_table = TokenTable(self.engine.tokenizer)
+        return self._token_table
+
+    @property
+    def json_index(self) -> JsonVocabIndex:
+        if self._json_index is None:
+            self._json_index = JsonVocabIndex(self.token_table)
+        return self._json_index
+
+    # ---- billing and metrics -------------------------------------------------------------
+
+    def bill(self, hit_tokens: int, miss_tokens: int, output_tokens: int) -> CostBreakdown | None:
+        prices = self.config.price_table
+        if self.config.served_model_name not in prices:
+            return None
+        return prices.cost(self.config.served_model_name, hit_tokens, miss_tokens, output_tokens,
+                           datetime.now(timezone.utc))
+
+    def account(self, progress: list, reasons: list[str], counts: UsageCounts | None) -> CostBreakdown | None:
+        """Bill `counts` (None: nothing billable, e.g. the client left) and record one metrics
+        sample per engine request; the cost goes with the last one so it is counted once."""
+        cost = None if counts is None else self.bill(
+            counts.cache_hit_tokens, counts.cache_miss_tokens, counts.completion_tokens)
+        if self.metrics is not None:
+            for i, (choice_progress, reason) in enumerate(zip(progress, reasons)):
+                timings = choice_progress.timings(reason)
+                if timings is not None:
+                    self._ended_tokens["prompt"] += timings.num_prompt_tokens
+                    self._ended_tokens["output"] += timings.num_generation_tokens
+                    self.metrics.observe_finished(timings, cost if i == len(progress) - 1 else None)
+        return cost
+
+    def refresh_engine_gauges(self) -> None:
+        """Feed metrics from the engine's stats at scrape time: queue sizes and KV usage as they
+        are now, and the growth of its cumulative counters (prefix cache, preemptions) plus the
+        prompt/output tokens of requests that ended since the last scrape."""
+        stats = self.engine.stats()
+        kv = stats.get("kv_cache", {})
+        prefix = stats.get("prefix_cache", {})
+        totals = {"preemptions": stats.get("preemptions", 0), "queries": prefix.get("query_tokens", 0),
+                  "hits": prefix.get("hit_tokens", 0),
+                  **{f"miss:{r}": n for r, n in prefix.get("miss_tokens_by_reason", {}).items()}}
+        growth = {key: max(0, value - self._engine_totals.get(key, 0)) for key, value in totals.items()}
+        self._engine_totals = totals
+        step = {
+            "num_running": stats.get("running", 0), "num_waiting": stats.get("waiting", 0),
+            "kv_cache_usage": kv.get("live_fraction", 0.0),
+            "pool_usage": {pool: u["live"] / u["total"] for pool, u in kv.get("pools", {}).items() if u.get("total")},
+            "num_preemptions": growth["preemptions"], "prefix_cache_queries": growth["queries"],
+            "prefix_cache_hits": growth["hits"],
+            "prefix_cache_misses": {k.split(":", 1)[1]: n for k, n in growth.items() if k.startswith("miss:")},
+            "num_prompt_tokens": self._ended_tokens["prompt"], "num_generation_tokens": self._ended_tokens["output"],
+        }
+        self._ended_tokens = {"prompt": 0, "output": 0}
+        try:
+            self.metrics.observe_step(step)
+        except ValueError as err:  # an inconsistent snapshot must not break the scrape
+            logger.warning("engine stats not recorded: %s", err)
+
+    def count_tool_parse_error(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count_tool_parse_error(kind)

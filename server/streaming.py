@@ -1,0 +1,273 @@
+"""Driving engine requests for one API request, and putting the result on the wire.
+
+`EngineJob` submits one engine request per choice (`<id>-<i>`), fans their `RequestOutput`s
+into one stream, and aborts whatever is unfinished when closed (client gone, error, done).
+`sse_response` frames chunks as SSE (`data: <json>`, `data: [DONE]`) with `: keep-alive`
+comments while the request waits; `json_response` returns a plain JSON body, or — when the
+request is still waiting after one keep-alive interval — commits a 200 and writes blank lines
+until the JSON is ready (DeepSeek's keep-alive for non-streaming requests). Either way a client
+disconnect closes the job, which aborts the engine requests and frees their KV cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import anyio
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from sse_starlette.event import ServerSentEvent
+from sse_starlette.sse import EventSourceResponse
+
+from engine.async_engine import EngineDead, EngineOverloaded
+from server.errors import APIError, invalid_request, queue_full, unavailable
+from server.metrics import RequestTimings
+
+logger = logging.getLogger(__name__)
+
+SSE_SEPARATOR = "\n"
+TIMEOUT = object()  # `EngineJob.next` found nothing within its timeout
+_CLOSED = object()  # queued by `EngineJob.close` to wake a waiting consumer
+
+
+class JobClosed(Exception):
+    """The job was closed (client gone) while a consumer waited for output."""
+
+
+@dataclass
+class ChoiceProgress:
+    """Timing of one engine request, for metrics (engine clock for stamps, gaps measured here)."""
+
+    finished: bool = False
+    last_output: object = None  # latest RequestOutput
+    last_seen: float | None = None
+    gaps: list[float] = field(default_factory=list)
+
+    def timings(self, finish_reason: str) -> RequestTimings | None:
+        out = self.last_output
+        metrics = getattr(out, "metrics", None)
+        if metrics is None:
+            return None
+        finished = metrics.finished_time
+        if finished is None:
+            stamps = [metrics.arrival_time, metrics.first_scheduled_time, metrics.first_token_time]
+            finished = max(t for t in stamps if t is not None)
+        try:
+            return RequestTimings(
+                arrival_time=metrics.arrival_time, finished_time=finished, finish_reason=finish_reason,
+                num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
+                num_generation_tokens=out.num_output_tokens,
+                first_scheduled_time=metrics.first_scheduled_time,
+                first_token_time=metrics.first_token_time if metrics.first_scheduled_time is not None else None,
+                inter_token_latencies=tuple(self.gaps))
+        except ValueError as err:  # inconsistent stamps must never fail a request
+            logger.warning("request timings not recorded: %s", err)
+            return None
+
+
+class EngineJob:
+    """The engine requests (one per choice) behind one API request."""
+
+    def __init__(self, engine, request_ids: list[str], prompt_ids: list[int], params_list: list,
+                 cache_salt: str = ""):
+        self._engine = engine
+        self.request_ids = request_ids
+        self.progress = [ChoiceProgress() for _ in request_ids]
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._pump(i, rid, prompt_ids, params, cache_salt))
+                       for i, (rid, params) in enumerate(zip(request_ids, params_list))]
+        self._closed = False
+
+    @property
+    def is_done(self) -> bool:
+        return all(p.finished for p in self.progress)
+
+    async def _pump(self, index: int, request_id: str, prompt_ids, params, cache_salt) -> None:
+        try:
+            async for out in self._engine.generate(request_id, prompt_ids, params, cache_salt=cache_salt):
+                self._queue.put_nowait((index, out))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # handed to the consumer, which owns the error policy
+            self._queue.put_nowait((index, exc))
+
+    async def next(self, timeout: float | None = None):
+        """The next `(choice_index, RequestOutput)`, or TIMEOUT. Engine errors are raised here:
+        `EngineOverloaded` as 429, `EngineDead` as 503, `ValueError` (a request that can never
+        run) as 400."""
+        try:
+            entry = await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return TIMEOUT
+        if entry is _CLOSED:
+            raise JobClosed()
+        index, item = entry
+        progress = self.progress[index]
+        if isinstance(item, Exception):
+            progress.finished = True
+            raise _engine_error(item)
+        now = time.monotonic()
+        if progress.last_seen is not None and item.new_token_ids:
+            progress.gaps.append(now - progress.last_seen)
+        if item.new_token_ids:
+            progress.last_seen = now
+        progress.last_output = item
+        progress.finished = progress.finished or item.finished
+        return index, item
+
+    def close(self) -> None:
+        """Abort the unfinished engine requests and wake any waiting consumer (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for rid, progress, task in zip(self.request_ids, self.progress, self._tasks):
+            if not progress.finished:
+                self._engine.abort(rid)
+            task.cancel()
+        self._queue.put_nowait(_CLOSED)
+
+
+def _engine_error(exc: Exception) -> Exception:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineOverloaded):
+        return queue_full(str(exc))
+    if isinstance(exc, EngineDead):
+        return unavailable()
+    if isinstance(exc, ValueError):
+        return invalid_request(str(exc))
+    return exc  # unexpected: the catch-all handler logs it and answers 500
+
+
+async def wait_first(job: EngineJob, interval: float):
+    """The first output, or TIMEOUT after `interval`; closes the job if that raises."""
+    try:
+        return await job.next(timeout=interval)
+    except BaseException:
+        job.close()
+        raise
+
+
+# ---------------------------------------------------------------------------- SSE
+
+
+def sse_response(events: AsyncIterator[dict | None], job: EngineJob, request_id: str,
+                 drain_timeout: float, on_close: Callable[[], None] | None = None) -> EventSourceResponse:
+    """Frame `events` (dicts become `data: <json>`) then `data: [DONE]`. `events` yields None
+    while the request is waiting; each None becomes a `: keep-alive` comment."""
+
+    async def framed():
+        try:
+            async for event in events:
+                if event is None:
+                    yield ServerSentEvent(comment="keep-alive", sep=SSE_SEPARATOR)
+                else:
+                    yield json.dumps(event, ensure_ascii=False)
+            yield "[DONE]"
+        except JobClosed:
+            return
+        except APIError as err:  # headers are out: report in-band, which the OpenAI SDK raises
+            yield json.dumps(err.to_dict(), ensure_ascii=False)
+        except Exception:
+            logger.exception("stream %s failed", request_id)
+            yield json.dumps(_stream_failure().to_dict())
+        finally:
+            _close(job, on_close)
+
+    # Shutdown: streams get `drain_timeout` to finish before sse-starlette cancels them.
+    return EventSourceResponse(framed(), ping=0, sep=SSE_SEPARATOR, shutdown_event=anyio.Event(),
+                               shutdown_grace_period=drain_timeout, headers={"x-request-id": request_id})
+
+
+def _close(job: EngineJob, on_close: Callable[[], None] | None) -> None:
+    job.close()
+    if on_close is not None:
+        try:
+            on_close()
+        except Exception:  # bookkeeping must never break a response
+            logger.exception("on_close callback failed")
+
+
+def _stream_failure() -> APIError:
+    return APIError(500, "Server Error: generation failed, retry after a wait", type="server_error",
+                    code="server_error")
+
+
+# ---------------------------------------------------------------------------- plain JSON
+
+
+async def _watch_disconnect(request: Request, job: EngineJob) -> None:
+    """Read ASGI messages until the client goes away, then abort the job."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            logger.info("client disconnected; aborting %s", job.request_ids)
+            job.close()
+            return
+
+
+async def json_response(request: Request, job: EngineJob, first, consume: Callable[[int, object], None],
+                        build_body: Callable[[], dict], interval: float, request_id: str,
+                        on_close: Callable[[], None] | None = None) -> Response:
+    """Collect every output of `job` (`first` already taken by `wait_first`) into one JSON body.
+
+    `consume(index, output)` folds an output into the caller's state; `build_body()` renders
+    the response once the job is done.
+    """
+    headers = {"x-request-id": request_id}
+    if first is not TIMEOUT:
+        watcher = asyncio.create_task(_watch_disconnect(request, job))
+        try:
+            consume(*first)
+            while not job.is_done:
+                consume(*await job.next())
+            body = build_body()
+        except JobClosed:
+            return Response(status_code=204)  # nobody is listening any more
+        finally:
+            watcher.cancel()
+            _close(job, on_close)
+        return JSONResponse(body, headers=headers)
+
+    async def stream_body():
+        # NOTE: status 200 is already sent; late errors go in the body as the error envelope.
+        try:
+            yield b"\n"  # one interval has passed already
+            while not job.is_done:
+                item = await job.next(timeout=interval)
+                if item is TIMEOUT:
+                    yield b"\n"
+                else:
+                    consume(*item)
+            yield json.dumps(build_body(), ensure_ascii=False).encode()
+        except JobClosed:
+            return
+        except APIError as err:
+            yield json.dumps(err.to_dict()).encode()
+        except Exception:
+            logger.exception("request %s failed", request_id)
+            yield json.dumps(_stream_failure().to_dict()).encode()
+        finally:
+            _close(job, on_close)
+
+    return StreamingResponse(stream_body(), media_type="application/json", headers=headers)
+
+
+async def keepalive_events(job: EngineJob, first, interval: float,
+                           render: Callable[[int, object], list[dict]]) -> AsyncIterator[dict | None]:
+    """Outputs of `job` rendered to chunks by `render`; None while nothing arrives."""
+    item = first
+    while True:
+        if item is TIMEOUT:
+            yield None
+        else:
+            for chunk in render(*item):
+                yield chunk
+            if job.is_done:
+                return
+        item = await job.next(timeout=interval)
