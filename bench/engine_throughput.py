@@ -84,7 +84,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (not installed)")
     ap.add_argument("--output-json")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     model_dir = args.model
     tmp = None

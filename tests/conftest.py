@@ -3,7 +3,9 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: tiny matrices gain nothing from two, and on a busy 2-core box
+# OpenMP spin-waits make every op orders of magnitude slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
