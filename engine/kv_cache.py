@@ -205,7 +205,35 @@ class KVCache:
             return
         ring[positions % self.cfg.sliding_window] = values.to(ring.dtype)
 
+    def write_window_batch(self, layer: int, slots: torch.Tensor, positions: torch.Tensor,
+                           values: torch.Tensor) -> None:
+        """One token per sequence: ``values[b]`` at position ``positions[b]`` of ring ``slots[b]``."""
+        ring = self.window[layer]
+        rows = positions % self.cfg.sliding_window
+        ring[slots, rows] = self.entry_codec.encode(values) if self.entry_codec is not None else values.to(ring.dtype)
+
+    def read_rings(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """Whole rings ``[B, W, head_dim]`` (slot j holds the newest position ≡ j mod W)."""
+        rings = self.window[layer][slots]
+        return rings if self.entry_codec is None else self.entry_codec.decode(rings, self.dtype)
+
     # ---- compressed entries: block-table addressing ----------------------------------
+    def write_entries_batch(self, pool: torch.Tensor, tables: torch.Tensor, entry: torch.Tensor,
+                            values: torch.Tensor) -> None:
+        """Entry ``entry[b]`` of sequence b (block table row ``tables[b]``) := ``values[b]``."""
+        if values.shape[0] == 0:
+            return
+        E = pool.shape[1]
+        blocks = tables.gather(1, (entry // E)[:, None]).squeeze(1)
+        codec = self._codec_for(pool)
+        pool[blocks, entry % E] = codec.encode(values) if codec is not None else values.to(pool.dtype)
+
+    def gather_entries(self, pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """Every row of every block in ``tables [B, nb]``: ``[B, nb*E, dim]`` in the model dtype."""
+        rows = pool[tables].flatten(1, 2)
+        codec = self._codec_for(pool)
+        return rows if codec is None else codec.decode(rows, self.dtype)
+
     def entries_per_block(self, ratio: int) -> int:
         return self.shape.c4_entries if ratio == CSA_RATIO else self.shape.c128_entries
 

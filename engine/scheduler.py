@@ -8,7 +8,8 @@ Per step (`schedule`):
   1. running requests, FCFS: decodes first (one token each), then continuing prefills;
   2. waiting requests, FCFS, while `max_num_seqs` and the budget allow (none after a preemption);
   3. checkpoints for chunks that end on a cache-unit boundary (a multiple of `unit_interval`,
-     or the prompt end): a prefill chunk never crosses one, so the snapshot is exact.
+     or one token short of the prompt end): a prefill chunk never crosses one, so the snapshot
+     is exact.
 When a running request cannot get blocks, checkpoints are evicted first (in the KV manager),
 then the most recently arrived running request is preempted (its KV freed, recomputed later).
 A request that cannot fit even alone finishes with FINISHED_ERROR instead of looping.

@@ -89,6 +89,39 @@ class Compressor(nn.Module):
         return entries, first
 
 
+    def decode_batch(self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, state: CompressorState,
+                     rotary: Rotary, out_dtype: torch.dtype):
+        """One new token for each of B sequences (same math as ``forward``, batched).
+
+        Returns (entries [C, dim], which of the B sequences completed a window [C], entry index [C])."""
+        m, d = self.ratio, self.dim
+        kv = self.wkv(x)
+        score = self.wgate(x) + self.ape[pos % m]
+        cur = m if self.overlap else 0
+        state.kv[slots, cur + pos % m] = kv
+        state.score[slots, cur + pos % m] = score
+        done = ((pos + 1) % m == 0).nonzero().squeeze(1)
+        w = pos[done] // m
+        if done.numel() == 0:
+            return kv.new_zeros(0, d).to(out_dtype), done, w
+        s = slots[done]
+        win_kv, win_sc = state.kv[s, cur:cur + m], state.score[s, cur:cur + m]
+        if self.overlap:
+            has_prev = (w > 0)[:, None, None]  # the first window has no predecessor (zero weight)
+            prev_kv = torch.where(has_prev, state.kv[s, :m, :d], 0.0)
+            prev_sc = torch.where(has_prev, state.score[s, :m, :d], float("-inf"))
+            slots_kv = torch.cat([prev_kv, win_kv[:, :, d:]], dim=1)
+            slots_sc = torch.cat([prev_sc, win_sc[:, :, d:]], dim=1)
+            state.kv[s, :m, :d] = win_kv[:, :, :d]
+            state.score[s, :m, :d] = win_sc[:, :, :d]
+        else:
+            slots_kv, slots_sc = win_kv, win_sc
+        pooled = (slots_kv * torch.softmax(slots_sc, dim=1)).sum(dim=1)
+        entries = self.norm(pooled.to(out_dtype))
+        cos, sin = rotary.cos_sin(w * m, entries.dtype)
+        return apply_rope(entries, cos, sin), done, w
+
+
 class Indexer(nn.Module):
     """Lightning indexer (spec §3.7): scores ``sum_h w_h * ReLU(q_h . k)`` over the compressed
     indexer keys and keeps the top-k entries per query. Its keys come from a small CSA-style
@@ -124,6 +157,22 @@ class Indexer(nn.Module):
         chosen = torch.zeros_like(visible)
         chosen.scatter_(1, top, True)
         return chosen & visible
+
+
+    def select_batch(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
+                     reduce: Reduce | None) -> torch.Tensor:
+        """Decode queries ``q [B, heads, d]`` against each sequence's padded keys ``[B, E, d]``."""
+        if int(valid.sum(dim=1).max()) <= self.topk:
+            return valid
+        scores = torch.einsum("bhd,bed->bhe", q.float(), keys.float()).relu_() * (self.head_dim ** -0.5)
+        scores = (scores * w[:, :, None]).sum(dim=1)
+        if reduce is not None:
+            scores = reduce(scores)
+        scores = scores.masked_fill(~valid, float("-inf"))
+        top = scores.topk(min(self.topk, scores.shape[1]), dim=-1).indices
+        chosen = torch.zeros_like(valid)
+        chosen.scatter_(1, top, True)
+        return chosen & valid
 
 
 class Attention(nn.Module):
@@ -166,7 +215,11 @@ class Attention(nn.Module):
             iq = cache.round_index_query(iq)
 
         out = torch.empty(T, self.n_heads, d, dtype=x.dtype, device=x.device)
-        for seq in batch.seqs:
+        if batch.decode is not None:
+            dec = batch.decode
+            index_q = (iq[dec.rows], iw[dec.rows]) if self.indexer is not None else None
+            out[dec.rows] = self._decode(q[dec.rows], kv[dec.rows], x[dec.rows], dec, cache, rotary, index_q, reduce)
+        for seq in batch.loop_seqs:
             rows = seq.rows
             keys, mask = self._window(kv[rows], seq, cache, batch.positions[rows])
             if self.compressor is not None:
@@ -182,6 +235,39 @@ class Attention(nn.Module):
         z = torch.einsum("tgi,goi->tgo", grouped, w).reshape(T, -1)
         y = self.wo_b(z)
         return reduce(y) if reduce is not None else y
+
+    def _decode(self, q, kv, x, dec, cache: KVCache, rotary: Rotary, index_q, reduce) -> torch.Tensor:
+        """Attention for B sequences feeding one token each, with padded batched gathers."""
+        W, pos = self.cfg.sliding_window, dec.positions
+        cache.write_window_batch(self.layer, dec.window_slots, pos, kv)
+        keys = cache.read_rings(self.layer, dec.window_slots)
+        # Ring slot j holds position p - ((p - j) mod W): written iff that is >= 0.
+        mask = (torch.arange(W, device=x.device)[None, :] <= pos[:, None]) | (pos[:, None] >= W - 1)
+        if self.compressor is not None:
+            m = self.ratio
+            entries, done, w = self.compressor.decode_batch(x, pos, dec.state_slots,
+                                                            cache.state[(self.layer, "main")], rotary, x.dtype)
+            if m == CSA_RATIO:
+                pool, idx_pool, tables = cache.c4_kv[self.layer], cache.c4_idx[self.layer], dec.c4_tables
+            else:
+                pool, idx_pool, tables = cache.c128_kv[self.layer], None, dec.c128_tables
+            cache.write_entries_batch(pool, tables[done], w, entries)
+            ckeys = cache.gather_entries(pool, tables)
+            cvalid = torch.arange(ckeys.shape[1], device=x.device)[None, :] < ((pos + 1) // m)[:, None]
+            if self.indexer is not None:
+                ikeys, idone, iw_ = self.indexer.compressor.decode_batch(
+                    x, pos, dec.state_slots, cache.state[(self.layer, "index")], rotary, x.dtype)
+                cache.write_entries_batch(idx_pool, tables[idone], iw_, ikeys)
+                cvalid = self.indexer.select_batch(index_q[0], index_q[1], cache.gather_entries(idx_pool, tables),
+                                                   cvalid, reduce)
+            keys = torch.cat([keys, ckeys.to(keys.dtype)], dim=1)
+            mask = torch.cat([mask, cvalid], dim=1)
+        scores = torch.einsum("bhd,bkd->bhk", q, keys).float() * self.softmax_scale
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        sink = self.attn_sink.float()[None, :, None].expand(q.shape[0], -1, 1)
+        logits = torch.cat([scores, sink], dim=-1)
+        probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+        return torch.einsum("bhk,bkd->bhd", probs.to(keys.dtype), keys)
 
     def _window(self, kv: torch.Tensor, seq: SeqView, cache: KVCache, qpos: torch.Tensor):
         """Keys for the sliding window (cached ring + this step's tokens) and their mask."""
