@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from engine.model.deepseek_v4 import DeepseekV4
 from engine.model.layers import Linear
+from engine.model.sharding import Split
 
 log = logging.getLogger(__name__)
 
@@ -185,32 +186,41 @@ def expected_tensors(model: DeepseekV4) -> dict[str, Target]:
 
 
 # ---- loading --------------------------------------------------------------------------------
-def _split_merged_experts(reader: CheckpointReader, names: set[str]) -> dict[str, torch.Tensor]:
-    """transformers' in-memory layout merges experts: gate_up_proj [E, 2I, D], down_proj [E, D, I]."""
+def _split_merged_experts(reader: CheckpointReader, names: set[str], model: DeepseekV4,
+                          shard: Callable[[str], Split | None]) -> dict[str, torch.Tensor]:
+    """transformers' in-memory layout merges experts: gate_up_proj [E, 2I, D], down_proj [E, D, I].
+    Only this rank's experts are read (one expert at a time), then cut to the rank's split."""
     out = {}
     for n in list(names):
         m = _MERGED_EXPERTS.match(n)
         if not m:
             continue
         names.discard(n)
-        t = reader.get(n)
-        for e in range(t.shape[0]):
-            if m.group(2) == "gate_up_proj":
-                w1, w3 = t[e].chunk(2, dim=0)
-                out[f"{m.group(1)}.ffn.experts.{e}.w1.weight"] = w1.contiguous()
-                out[f"{m.group(1)}.ffn.experts.{e}.w3.weight"] = w3.contiguous()
-            else:
-                out[f"{m.group(1)}.ffn.experts.{e}.w2.weight"] = t[e].contiguous()
+        merged = reader.get_slice(n)
+        for e in range(merged.get_shape()[0]):
+            prefix = f"{m.group(1)}.ffn.experts.{e}."
+            if _foreign_expert(prefix + "w1.weight", model):
+                continue
+            t = merged[e]
+            parts = dict(zip(("w1", "w3"), t.chunk(2, dim=0))) if m.group(2) == "gate_up_proj" else {"w2": t}
+            for w, part in parts.items():
+                name = f"{prefix}{w}.weight"
+                out[name] = _cut(part, shard(name)).contiguous()
     return out
 
 
 def load_weights(model: DeepseekV4, model_dir: str, keep_dense: bool = True,
-                 shard: Callable[[str, Target, CheckpointReader], torch.Tensor | None] | None = None) -> dict:
+                 shard: Callable[[str], Split | None] | None = None) -> dict:
     """Fill ``model`` from ``model_dir``. Returns a small report (counts, skipped names).
 
     ``keep_dense`` dequantises FP8/FP4 weights once at load (fast on CPU); otherwise layers keep
     the quantised tensors and dequantise per call (memory-lean, for kernels to consume).
-    ``shard`` (tensor parallel) may return the rank's slice of a plain tensor."""
+    ``shard(name)`` gives the part of each official tensor this rank holds (tensor parallel);
+    by default the model's own ``Parallel.split_for``. Only that part is read from disk
+    (safetensors slices), quantised tensors together with the matching scale rows/columns."""
+    if shard is None:
+        def shard(name: str) -> Split | None:
+            return model.par.split_for(name, model.cfg)
     reader = CheckpointReader(model_dir)
     expected = expected_tensors(model)
     present = set(reader.names())
@@ -218,7 +228,7 @@ def load_weights(model: DeepseekV4, model_dir: str, keep_dense: bool = True,
     present -= set(mtp)
     if mtp:
         log.info("skipping %d multi-token-prediction tensors (mtp.*): not used for serving", len(mtp))
-    merged = _split_merged_experts(reader, present)
+    merged = _split_merged_experts(reader, present, model, shard)
     scales = {n for n in present if n.endswith(".scale")}
     present -= scales
     # A rank under expert parallelism legitimately ignores other ranks' experts.
@@ -238,28 +248,92 @@ def load_weights(model: DeepseekV4, model_dir: str, keep_dense: bool = True,
     if unused_scales:
         raise CheckpointError(f"unexpected tensors: scales without weights: {unused_scales[:20]}")
 
+    fp8_block = model.cfg.fp8_block or (128, 128)
     n_quant = 0
     for name, target in expected.items():
         try:
-            tensor = merged[name] if name in merged else None
-            if target.linear is not None:
+            if name in merged:
+                tensor, scale = merged[name], None
+            elif target.linear is not None:
                 scale_name = name[: -len(".weight")] + ".scale"
-                if tensor is None and shard is not None:
-                    tensor = shard(name, target, reader)
-                if tensor is None:
-                    tensor = reader.get(name)
-                scale = reader.get(scale_name) if scale_name in scales and name not in merged else None
-                if shard is not None and scale is not None:
-                    scale = shard(scale_name, target, reader)
+                tensor, scale = _read_linear(reader, name, scale_name if scale_name in scales else None,
+                                             shard(name), fp8_block)
+            else:
+                tensor, scale = _read(reader, name, shard(name)), None
+            if target.linear is not None:
                 _load_linear(target.linear, tensor, scale, keep_dense, name)
                 n_quant += scale is not None
             else:
-                if tensor is None and shard is not None:
-                    tensor = shard(name, target, reader)
-                target.setter(reader.get(name) if tensor is None else tensor)
+                target.setter(tensor)
         except CheckpointError as e:
             raise CheckpointError(f"{name}: {e}") from None
     return {"tensors": len(expected), "quantized": n_quant, "skipped_mtp": len(mtp)}
+
+
+# ---- reading one rank's part ----------------------------------------------------------------
+def _check_split(split: Split, shape: list[int], what: str = "") -> None:
+    if split.dim >= len(shape) or not 0 <= split.start < split.stop <= shape[split.dim]:
+        raise CheckpointError(f"cannot take {what}[{split.start}:{split.stop}] along dim {split.dim} "
+                              f"of a tensor of shape {tuple(shape)}")
+
+
+def _slice(sl, split: Split) -> torch.Tensor:
+    """Read only ``split`` of a safetensors slice."""
+    return sl[split.start:split.stop] if split.dim == 0 else sl[:, split.start:split.stop]
+
+
+def _cut(t: torch.Tensor, split: Split | None) -> torch.Tensor:
+    if split is None:
+        return t
+    _check_split(split, list(t.shape))
+    return t.narrow(split.dim, split.start, split.stop - split.start)
+
+
+def _read(reader: CheckpointReader, name: str, split: Split | None) -> torch.Tensor:
+    if split is None:
+        return reader.get(name)
+    sl = reader.get_slice(name)
+    _check_split(split, sl.get_shape())
+    return _slice(sl, split)
+
+
+def _read_linear(reader: CheckpointReader, name: str, scale_name: str | None, split: Split | None,
+                 fp8_block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A weight (and its scale) cut to ``split`` of the logical [out, in] shape.
+
+    FP8: one scale per ``fp8_block`` tile, so a part must start on a block edge (or lie inside
+    one block). MXFP4: rows split freely; columns pack two per byte with one scale per 32, so a
+    column part must start and end on multiples of 32."""
+    if split is None:
+        return reader.get(name), (reader.get(scale_name) if scale_name else None)
+    if scale_name is None:
+        return _read(reader, name, split), None
+    w_sl, s_sl = reader.get_slice(name), reader.get_slice(scale_name)
+    kind = w_sl.get_dtype()
+    if kind == "F8_E4M3":
+        _check_split(split, w_sl.get_shape())
+        block = fp8_block[split.dim]
+        a, b = split.start, split.stop
+        if a % block and a // block != (b - 1) // block:
+            raise CheckpointError(
+                f"tensor-parallel part [{a}:{b}) of dim {split.dim} does not start on an FP8 scale block "
+                f"edge (block {block}); choose a tensor_parallel_size that splits this dimension into "
+                f"multiples of {block}")
+        scale_split = Split(split.dim, a // block, -(-b // block))
+        return _slice(w_sl, split), _slice(s_sl, scale_split)
+    if kind in ("I8", "U8"):  # packed e2m1 pairs, one e8m0 scale per 32 logical columns
+        if split.dim == 0:
+            _check_split(split, w_sl.get_shape())
+            return _slice(w_sl, split), _slice(s_sl, split)
+        logical_in = w_sl.get_shape()[1] * 2
+        _check_split(split, [w_sl.get_shape()[0], logical_in])
+        a, b = split.start, split.stop
+        if a % 32 or (b % 32 and b != logical_in):
+            raise CheckpointError(
+                f"tensor-parallel column part [{a}:{b}) is not aligned to MXFP4's 32-column scale groups; "
+                f"choose a tensor_parallel_size that splits the input dimension into multiples of 32")
+        return (_slice(w_sl, Split(1, a // 2, b // 2)), _slice(s_sl, Split(1, a // 32, -(-b // 32))))
+    raise CheckpointError(f"weight dtype {kind} with a .scale is not a supported quantised format")
 
 
 _EXPERT = re.compile(r"^layers\.\d+\.ffn\.experts\.(\d+)\.")

@@ -18,6 +18,7 @@ from engine.model.attention import Attention
 from engine.model.layers import RMSNorm, model_rotaries
 from engine.model.mhc import HyperConnection, HyperHead
 from engine.model.moe import MoE
+from engine.model.sharding import Split, tensor_split
 
 
 class Parallel:
@@ -26,6 +27,10 @@ class Parallel:
     def __init__(self, tp_size: int = 1, tp_rank: int = 0, ep: bool = False,
                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  all_gather_vocab: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank must be in [0, {tp_size}), got {tp_rank}")
+        if tp_size > 1 and (all_reduce is None or all_gather_vocab is None):
+            raise ValueError("tp_size > 1 needs the all_reduce and all_gather_vocab collectives")
         self.tp_size, self.tp_rank, self.ep = tp_size, tp_rank, ep
         self.all_reduce = all_reduce if tp_size > 1 else None
         self.all_gather_vocab = all_gather_vocab if tp_size > 1 else None
@@ -39,6 +44,10 @@ class Parallel:
     def vocab_range(self, vocab: int) -> tuple[int, int]:
         per = -(-vocab // self.tp_size)
         return min(vocab, self.tp_rank * per), min(vocab, (self.tp_rank + 1) * per)
+
+    def split_for(self, name: str, cfg: ModelConfig) -> Split | None:
+        """This rank's part of checkpoint tensor ``name`` (None: replicated or owned whole)."""
+        return tensor_split(name, cfg, self.tp_size, self.tp_rank, self.ep, self.vocab_range(cfg.vocab_size))
 
 
 class Block(nn.Module):
