@@ -104,8 +104,9 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.dense = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.compute_dtype = compute_dtype
-        self.qweight: torch.Tensor | None = None
-        self.qscale: torch.Tensor | None = None
+        # Buffers, so .to(device) moves the quantised form with the module.
+        self.register_buffer("qweight", None, persistent=False)
+        self.register_buffer("qscale", None, persistent=False)
         self.qformat: str | None = None  # "fp8" | "fp4"
 
     @property
@@ -124,7 +125,10 @@ class Linear(nn.Module):
     def set_quantized(self, qweight: torch.Tensor, qscale: torch.Tensor, fmt: str, keep_dense: bool) -> None:
         self.qweight, self.qscale, self.qformat = qweight, qscale, fmt
         if keep_dense:
+            # Dense compute only: drop the checkpoint-format copy instead of holding both.
             self.dense.data = self.dequantized().to(self.dense.dtype)
+            self.qweight = self.qscale = None
+            self.qformat = None
         else:
             self.dense.data = torch.empty(0, dtype=self.dense.dtype, device=self.dense.device)
 
