@@ -12,10 +12,10 @@ import logging
 import queue
 import threading
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from engine.engine_config import EngineConfig
-from engine.engine_core import EngineCore
+from engine.engine_core import EngineCore, EngineStepStats
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 
@@ -30,8 +30,18 @@ class EngineDead(RuntimeError):
     """The engine loop stopped after a fatal error (HTTP 503)."""
 
 
+StepListener = Callable[[EngineStepStats], None]
+
+
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, max_queue: int = 1024, core: EngineCore | None = None):
+    """``on_step`` (and listeners added with ``add_step_listener``) get each step's
+    ``EngineStepStats`` on the loop thread, before that step's outputs are delivered; they must
+    be quick and thread-safe. A listener that raises is logged, never fatal."""
+
+    def __init__(self, config: EngineConfig, max_queue: int = 1024, core: EngineCore | None = None,
+                 on_step: StepListener | None = None):
+        if on_step is not None and not callable(on_step):
+            raise ValueError(f"on_step must be callable, got {type(on_step).__name__}")
         self.config = config
         self.max_queue = max_queue
         self.core = core
@@ -43,6 +53,7 @@ class AsyncEngine:
         self._stopping = False
         self.fatal_error: str | None = None
         self._stats: dict = {}
+        self._step_listeners: list[StepListener] = [on_step] if on_step is not None else []
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -87,6 +98,12 @@ class AsyncEngine:
     def stats(self) -> dict:
         """The latest scheduler stats, published by the loop thread after each step."""
         return dict(self._stats, in_flight=len(self._streams))
+
+    def add_step_listener(self, listener: StepListener) -> None:
+        """Also call ``listener(EngineStepStats)`` after every step (e.g. a metrics sink)."""
+        if not callable(listener):
+            raise ValueError(f"listener must be callable, got {type(listener).__name__}")
+        self._step_listeners = [*self._step_listeners, listener]  # copy: the loop may be iterating
 
     # ---- requests ------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -147,8 +164,16 @@ class AsyncEngine:
                 self._fail_all(EngineDead(self.fatal_error))
                 return
             self._stats = core.stats()
+            self._publish_step(core.last_step_stats)  # first, so metrics already count what clients get
             for out in outputs:
                 self._deliver(out.request_id, out)
+
+    def _publish_step(self, stats: EngineStepStats) -> None:
+        for listener in self._step_listeners:
+            try:
+                listener(stats)
+            except Exception:  # a metrics bug must not take the engine down
+                log.exception("step listener %r failed", listener)
 
     def _drain_inbox(self) -> bool:
         while True:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,27 @@ from engine.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class EngineStepStats:
+    """One step for metrics: counts are this step's deltas, the rest is the state after it.
+
+    Field names match ``server.metrics.StepStats`` (which coerces any dataclass with them), so
+    the engine reports without importing the server."""
+
+    num_running: int
+    num_waiting: int
+    # Like vLLM, usage counts what live requests hold; prefix-cache checkpoints are evictable.
+    kv_cache_usage: float  # CacheUsage.live_fraction
+    pool_usage: dict[str, float]  # pool name -> live units / total
+    num_scheduled_tokens: int = 0
+    num_prompt_tokens: int = 0  # full prompt lengths of requests that got their first token
+    num_generation_tokens: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_misses: dict[str, int] = field(default_factory=dict)  # reason -> tokens
 
 
 @dataclass
@@ -75,6 +96,8 @@ class EngineCore:
         self._requests: dict[str, Request] = {}  # live requests (the scheduler drops finished ones)
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self.layout = layout
+        self._counter_totals = self._cumulative_counters()  # baseline for per-step deltas
+        self.last_step_stats: EngineStepStats = self._step_stats(0, 0, 0)
 
     def _load_tokenizer(self) -> Tokenizer | None:
         """Checkpoints without tokenizer.json (e.g. written by transformers' save_pretrained)
@@ -140,6 +163,7 @@ class EngineCore:
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step; its counts and the state after it land in ``last_step_stats``."""
         outputs, self._pending = self._pending, []
         sched_out = self.scheduler.schedule()
         sampled = {}
@@ -148,13 +172,21 @@ class EngineCore:
                 sampled = self.runner.execute(sched_out, self.scheduler.requests)
             except Exception as e:  # a failed forward must not leak KV or hang clients
                 log.exception("model step failed")
-                return outputs + self._fail_step(sched_out, f"internal error during generation: {e}")
+                if _is_lost_rank(e):  # no later step can run: let the engine loop die loudly
+                    raise
+                outputs += self._fail_step(sched_out, f"internal error during generation: {e}")
+                self.last_step_stats = self._step_stats(sched_out.num_batched_tokens, 0, 0)
+                return outputs
         deltas = self.scheduler.update(sched_out, {k: v.token_id for k, v in sampled.items()})
+        num_prompt_tokens = num_generation_tokens = 0
         for delta in deltas:
             req = self._requests.get(delta.request_id)
             text_state = self._text.get(delta.request_id)
             if req is None or text_state is None:
                 continue
+            num_generation_tokens += len(delta.new_token_ids)
+            if delta.new_token_ids and req.num_output_tokens == len(delta.new_token_ids):
+                num_prompt_tokens += req.num_prompt_tokens  # prefill done (once: not again after a preemption)
             detok = text_state.detok
             text = detok.add_tokens(delta.new_token_ids) if detok else ""
             finished, reason, stop_reason = delta.finished, delta.finish_reason, delta.stop_reason
@@ -178,7 +210,32 @@ class EngineCore:
                                         finished=finished, stop_reason=stop_reason, logprobs=logprobs))
             if finished:
                 self._forget(delta.request_id)
+        self.last_step_stats = self._step_stats(sched_out.num_batched_tokens, num_prompt_tokens,
+                                                num_generation_tokens)
         return outputs
+
+    def _cumulative_counters(self) -> tuple[int, int, int, dict[str, int]]:
+        """(preemptions, prefix-cache query tokens, hit tokens, miss tokens by reason) so far."""
+        prefix = self.kv_manager.prefix_cache.stats()
+        return (self.scheduler.num_preemptions, prefix["query_tokens"], prefix["hit_tokens"],
+                dict(prefix["miss_tokens_by_reason"]))
+
+    def _step_stats(self, num_scheduled: int, num_prompt: int, num_generated: int) -> EngineStepStats:
+        """The stats of the step just run: counter growth since the previous step, state now."""
+        preemptions, queries, hits, misses = totals = self._cumulative_counters()
+        old_preemptions, old_queries, old_hits, old_misses = self._counter_totals
+        self._counter_totals = totals
+        usage = self.kv_manager.usage()
+        return EngineStepStats(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=min(1.0, usage.live_fraction),
+            pool_usage={name: (pool.live / pool.total if pool.total else 0.0) for name, pool in usage.pools.items()},
+            num_scheduled_tokens=num_scheduled, num_prompt_tokens=num_prompt, num_generation_tokens=num_generated,
+            num_preemptions=preemptions - old_preemptions, prefix_cache_queries=queries - old_queries,
+            prefix_cache_hits=hits - old_hits,
+            prefix_cache_misses={reason: n - old_misses.get(reason, 0) for reason, n in misses.items()
+                                 if n != old_misses.get(reason, 0)},
+        )
 
     def _fail_step(self, sched_out, message: str) -> list[RequestOutput]:
         outs = []
@@ -214,3 +271,9 @@ class EngineCore:
     def shutdown(self) -> None:
         if hasattr(self.runner, "shutdown"):
             self.runner.shutdown()
+
+
+def _is_lost_rank(e: Exception) -> bool:
+    from engine.parallel import ParallelWorkerError  # only reachable with tensor parallelism
+
+    return isinstance(e, ParallelWorkerError)

@@ -8,12 +8,16 @@ Routes (api-surface §1, §5):
   `/metrics`;
   `POST /tokenize`, `/detokenize`.
 With `--api-key`, every route but `/health`, `/version` and `/metrics` needs
-`Authorization: Bearer <key>`. Shutdown: new requests get 503, running ones are drained
-(`drain_timeout`), then the engine stops.
+`Authorization: Bearer <key>`. Shutdown (SIGTERM/SIGINT under uvicorn): the listening socket
+closes, running requests are drained (`drain_timeout`), new requests on open connections get 503,
+then the engine stops. The lifespan subscribes the metrics to the engine's per-step stats and
+runs the periodic one-line stats log.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import importlib.metadata
 import json
@@ -73,12 +77,20 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         await engine.start()
         ctx.on_engine_started()
+        engine.add_step_listener(ctx.on_engine_step)
+        stats_log = asyncio.create_task(ctx.log_stats_periodically()) if ctx.stats_logger is not None else None
         logger.info("serving %s (context %d tokens)", list(config.model_names), engine.max_model_len)
         try:
             yield
         finally:
             ctx.is_draining = True
             await engine.shutdown(drain_timeout=config.drain_timeout)
+            if stats_log is not None:
+                stats_log.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stats_log
+                ctx.log_stats()  # the tail of the last window
+            logger.info("engine stopped")
 
     app = FastAPI(title="dsv4-serve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -156,7 +168,6 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        ctx.refresh_engine_gauges()
         return Response(ctx.metrics.render(), media_type=Metrics.content_type)
 
     @app.post("/tokenize", dependencies=[Depends(authorize)])

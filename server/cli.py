@@ -61,6 +61,8 @@ def _add_serve(subparsers) -> None:
     server.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds running requests get to finish on shutdown")
     server.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    server.add_argument("--stats-interval", type=float, default=5.0,
+                        help="seconds between one-line stats logs (throughput, queues, KV, cache hits); 0: off")
     prices = p.add_argument_group("pricing (USD per 1M tokens; see server/pricing.py)")
     prices.add_argument("--price-table", default=None, metavar="FILE", help="JSON or YAML price table")
     prices.add_argument("--price-cache-hit", type=float, default=None)
@@ -116,11 +118,15 @@ def build_configs(args: argparse.Namespace):
     serve_config = ServeConfig(
         host=args.host, port=args.port, api_keys=tuple(args.api_keys), served_model_name=served_name,
         keep_alive_interval=args.keep_alive_interval, drain_timeout=args.drain_timeout, price_table=price_table,
-        log_level=args.log_level)
+        log_level=args.log_level, stats_interval=args.stats_interval)
     return engine_config, serve_config, args.max_queue
 
 
 def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from engine.parallel import run_worker_from_env
+
+    if run_worker_from_env():  # a non-zero torchrun rank: serve the driver's steps, no HTTP
+        return 0
     try:
         engine_config, serve_config, max_queue = build_configs(args)
     except ValueError as err:

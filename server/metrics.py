@@ -363,6 +363,13 @@ class StatsLogger:
         self._queries += stats.prefix_cache_queries
         self._hits += stats.prefix_cache_hits
 
+    @property
+    def window_is_idle(self) -> bool:
+        """No tokens since the previous line and nothing running or waiting now."""
+        latest = self._latest
+        busy = latest is not None and (latest.num_running or latest.num_waiting)
+        return not (busy or self._prompt_tokens or self._generation_tokens)
+
     def maybe_format(self) -> str | None:
         """The line, if `interval_s` has passed since the previous one; else None."""
         if self._clock() - self._window_start < self.interval_s:

@@ -1,6 +1,11 @@
 """Server settings (`ServeConfig`, frozen, built by `dsv4 serve`) and the per-app runtime
 context (`ServerContext`: engine, metrics, billing, token tables) the handlers share.
 
+Metrics have two feeds and no overlap: the engine's per-step stats (queue and KV gauges, token,
+prefix-cache and preemption counters) arrive through `on_engine_step` on the engine thread; a
+request's latencies, finish reason and cost arrive through `account` when it ends. `/metrics`
+only renders. With `stats_interval` > 0 the app logs `StatsLogger`'s one-line summary that often.
+
 Model names: the served name plus DeepSeek's public names are all answered by the one loaded
 model. `deepseek-chat` defaults to thinking off and `deepseek-reasoner` to thinking on; every
 other name defaults to thinking on. Requests are billed at the served name's prices (whatever
@@ -9,15 +14,17 @@ alias they used); a served name missing from the price table gets `cost: null`.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from server.errors import model_not_found
 from server.json_constraint import JsonVocabIndex, TokenTable
-from server.metrics import Metrics
+from server.metrics import Metrics, StatsLogger, StepStats
 from server.pricing import CostBreakdown, PriceTable
 from server.protocol import UsageCounts
 
@@ -38,6 +45,7 @@ class ServeConfig:
     drain_timeout: float = 30.0  # seconds running requests get to finish at shutdown
     price_table: PriceTable = field(default_factory=PriceTable.default)
     log_level: str = "info"
+    stats_interval: float = 5.0  # seconds between one-line stats logs; 0 disables them
 
     def __post_init__(self):
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -51,6 +59,9 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        interval = self.stats_interval
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval < float("inf"):
+            raise ValueError(f"stats_interval must be >= 0 seconds (0 disables the stats log), got {interval!r}")
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -73,13 +84,17 @@ class ServerContext:
         self._token_table: TokenTable | None = None
         self._json_index: JsonVocabIndex | None = None
         self.system_fingerprint = ""
-        self._engine_totals: dict[str, int] = {}  # engine counters at the last scrape
-        self._ended_tokens = {"prompt": 0, "output": 0}  # tokens of requests ended since then
+        self.stats_logger: StatsLogger | None = None
+        self._stats_lock = threading.Lock()  # StatsLogger: fed on the engine thread, read on the event loop
+        self._last_line_idle = False
 
     def on_engine_started(self) -> None:
         if self.engine.tokenizer is None:
             raise RuntimeError("the checkpoint has no tokenizer.json; `dsv4 serve` needs one for text I/O")
-        self.metrics = Metrics(self.config.served_model_name, max_model_len=self.engine.max_model_len)
+        self.metrics = Metrics(self.config.served_model_name, max_model_len=self.engine.max_model_len,
+                               max_num_batched_tokens=self.engine.config.max_num_batched_tokens)
+        if self.config.stats_interval > 0:
+            self.stats_logger = StatsLogger(self.config.stats_interval)
         digest = hashlib.sha256(f"{self.config.served_model_name}:{self.engine.model_config!r}".encode())
         self.system_fingerprint = f"fp_{digest.hexdigest()[:10]}_dsv4"
         self._token_table = TokenTable(self.engine.tokenizer)  # once, at startup, not in a request
@@ -123,37 +138,40 @@ class ServerContext:
             for i, (choice_progress, reason) in enumerate(zip(progress, reasons)):
                 timings = choice_progress.timings(reason)
                 if timings is not None:
-                    self._ended_tokens["prompt"] += timings.num_prompt_tokens
-                    self._ended_tokens["output"] += timings.num_generation_tokens
                     self.metrics.observe_finished(timings, cost if i == len(progress) - 1 else None)
         return cost
 
-    def refresh_engine_gauges(self) -> None:
-        """Feed metrics from the engine's stats at scrape time: queue sizes and KV usage as they
-        are now, and the growth of its cumulative counters (prefix cache, preemptions) plus the
-        prompt/output tokens of requests that ended since the last scrape."""
-        stats = self.engine.stats()
-        kv = stats.get("kv_cache", {})
-        prefix = stats.get("prefix_cache", {})
-        totals = {"preemptions": stats.get("preemptions", 0), "queries": prefix.get("query_tokens", 0),
-                  "hits": prefix.get("hit_tokens", 0),
-                  **{f"miss:{r}": n for r, n in prefix.get("miss_tokens_by_reason", {}).items()}}
-        growth = {key: max(0, value - self._engine_totals.get(key, 0)) for key, value in totals.items()}
-        self._engine_totals = totals
-        step = {
-            "num_running": stats.get("running", 0), "num_waiting": stats.get("waiting", 0),
-            "kv_cache_usage": kv.get("live_fraction", 0.0),
-            "pool_usage": {pool: u["live"] / u["total"] for pool, u in kv.get("pools", {}).items() if u.get("total")},
-            "num_preemptions": growth["preemptions"], "prefix_cache_queries": growth["queries"],
-            "prefix_cache_hits": growth["hits"],
-            "prefix_cache_misses": {k.split(":", 1)[1]: n for k, n in growth.items() if k.startswith("miss:")},
-            "num_prompt_tokens": self._ended_tokens["prompt"], "num_generation_tokens": self._ended_tokens["output"],
-        }
-        self._ended_tokens = {"prompt": 0, "output": 0}
+    def on_engine_step(self, stats) -> None:
+        """The engine's per-step stats (called on the engine thread): the only feed of the
+        scheduler gauges and the token, prefix-cache and preemption counters."""
+        if self.metrics is None:
+            return
         try:
-            self.metrics.observe_step(step)
-        except ValueError as err:  # an inconsistent snapshot must not break the scrape
-            logger.warning("engine stats not recorded: %s", err)
+            stats = StepStats.coerce(stats)  # validated once for both consumers
+            self.metrics.observe_step(stats)
+        except ValueError as err:  # an inconsistent record must not stop the engine loop
+            logger.warning("engine step stats not recorded: %s", err)
+            return
+        if self.stats_logger is not None:
+            with self._stats_lock:
+                self.stats_logger.record(stats)
+
+    def log_stats(self) -> None:
+        """Log the one-line summary of the window since the previous line. Repeated idle lines
+        go to DEBUG so an idle daemon does not fill its log."""
+        if self.stats_logger is None:
+            return
+        with self._stats_lock:
+            idle = self.stats_logger.window_is_idle
+            line = self.stats_logger.format_line()
+        logger.log(logging.DEBUG if idle and self._last_line_idle else logging.INFO, "%s", line)
+        self._last_line_idle = idle
+
+    async def log_stats_periodically(self) -> None:
+        """`log_stats` every `stats_interval` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(self.config.stats_interval)
+            self.log_stats()
 
     def count_tool_parse_error(self, kind: str) -> None:
         if self.metrics is not None:
