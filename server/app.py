@@ -110,7 +110,7 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
 
     async def accepting() -> None:
         if not is_serving():
-            raise unavailable()
+            raise unavailable(engine.fatal_error or ("shutting down" if ctx.is_draining else None))
 
     guarded = [Depends(accepting), Depends(authorize)]
 
@@ -159,7 +159,7 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
     @app.get("/health")
     async def health():
         if not is_serving():
-            raise unavailable()
+            raise unavailable(engine.fatal_error or ("shutting down" if ctx.is_draining else None))
         return Response(status_code=200)
 
     @app.get("/version")

@@ -73,9 +73,9 @@ def queue_full(detail: str = "the request queue is full") -> APIError:
                     type="rate_limit_error", code="rate_limit_reached")
 
 
-def unavailable() -> APIError:
-    return APIError(503, "Server Overloaded: the server is not accepting requests (shutting down or "
-                    "engine failure), retry after a wait",
+def unavailable(reason: str | None = None) -> APIError:
+    why = f" ({reason})" if reason else " (shutting down or engine failure)"
+    return APIError(503, f"Server Overloaded: the server is not accepting requests{why}, retry after a wait",
                     type="server_error", code="server_overloaded")
 
 

@@ -138,7 +138,7 @@ def _engine_error(exc: Exception) -> Exception:
     if isinstance(exc, EngineOverloaded):
         return queue_full(str(exc))
     if isinstance(exc, EngineDead):
-        return unavailable()
+        return unavailable(str(exc))
     if isinstance(exc, ValueError):
         return invalid_request(str(exc))
     return exc  # unexpected: the catch-all handler logs it and answers 500

@@ -231,6 +231,10 @@ def test_http_server_with_tensor_parallel(tiny_dir):
                 assert after.status_code != 200 or after.json()["usage"]["completion_tokens"] == 0
                 with pytest.raises(ParallelWorkerError, match="worker rank 1 exited with code -9"):
                     runner.check_alive()
+                # The engine stops serving with a clear error instead of hanging clients.
+                assert httpx.get(server.base_url + "/health", timeout=10).status_code == 503
+                again = httpx.post(server.base_url + "/v1/completions", json=body, timeout=10)
+                assert again.status_code == 503 and "worker rank 1" in again.json()["error"]["message"]
         finally:
             server.stop()
     assert replies[2]["text"] == replies[1]["text"]
