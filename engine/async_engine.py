@@ -88,6 +88,10 @@ class AsyncEngine:
         return self.core.model_config
 
     @property
+    def generation_defaults(self) -> tuple[float, float]:
+        return self.core.generation_defaults
+
+    @property
     def max_model_len(self) -> int:
         return self.core.max_model_len
 

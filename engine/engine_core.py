@@ -64,6 +64,7 @@ class EngineCore:
         self.model_dir = config.model or default_model_dir()
         self.model_config = ModelConfig.from_dir(self.model_dir)
         self.tokenizer = self._load_tokenizer()
+        self.generation_defaults = _generation_defaults(self.model_dir)
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype()
         cfg = self.model_config
@@ -277,3 +278,20 @@ def _is_lost_rank(e: Exception) -> bool:
     from engine.parallel import ParallelWorkerError  # only reachable with tensor parallelism
 
     return isinstance(e, ParallelWorkerError)
+
+
+def _generation_defaults(model_dir: str) -> tuple[float, float]:
+    """(temperature, top_p) from generation_config.json; DeepSeek's 1.0 / 1.0 when absent.
+    ``do_sample: false`` means greedy."""
+    import json
+    import os
+
+    path = os.path.join(model_dir, "generation_config.json")
+    try:
+        with open(path) as f:
+            gen = json.load(f)
+    except (OSError, ValueError):
+        return 1.0, 1.0
+    if gen.get("do_sample") is False:
+        return 0.0, 1.0
+    return float(gen.get("temperature", 1.0)), float(gen.get("top_p", 1.0))

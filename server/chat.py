@@ -155,7 +155,7 @@ def plan_chat(ctx: ServerContext, req: ChatCompletionRequest, is_beta: bool) -> 
     tools = _check_tools(req.tools, req.tool_choice)
     json_mode = _check_response_format(req.response_format)
     n = check_n(req.n)
-    sampling = check_sampling(req, thinking)
+    sampling = check_sampling(req, thinking, ctx.engine.generation_defaults)
     include_usage = check_stream_options(req.stream, req.stream_options)
     salt = cache_salt(req.user_id, req.user)
     if req.top_logprobs is not None:

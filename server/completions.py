@@ -68,7 +68,7 @@ def plan_completion(ctx: ServerContext, req: CompletionRequest) -> CompletionPla
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
         raise invalid_request(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.logprobs}", "logprobs")
     n = check_n(req.n)
-    sampling = check_sampling(req, thinking=False)
+    sampling = check_sampling(req, thinking=False, defaults=ctx.engine.generation_defaults)
     include_usage = check_stream_options(req.stream, req.stream_options)
     salt = cache_salt(req.user_id, req.user)
     prompt_ids = ctx.engine.tokenizer.encode(render_prompt(ctx.engine.tokenizer, prompt, req.suffix))

@@ -132,7 +132,10 @@ class SamplingChoice:
     stop: list[str]
 
 
-def check_sampling(req: ChatCompletionRequest | CompletionRequest, thinking: bool) -> SamplingChoice:
+def check_sampling(req: ChatCompletionRequest | CompletionRequest, thinking: bool,
+                   defaults: tuple[float, float] = (1.0, 1.0)) -> SamplingChoice:
+    """``defaults``: (temperature, top_p) from the checkpoint's generation_config.json, used when
+    the request leaves them out and always in thinking mode (as vLLM applies a model's defaults)."""
     if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
         raise invalid_request(f"temperature must be in [0, 2], got {req.temperature}", "temperature")
     if req.top_p is not None and not 0.0 <= req.top_p <= 1.0:
@@ -147,10 +150,10 @@ def check_sampling(req: ChatCompletionRequest | CompletionRequest, thinking: boo
     if any(not s for s in stop):
         raise invalid_request("stop strings must be non-empty", "stop")
     if thinking:  # DeepSeek ignores these in thinking mode (no error)
-        temperature, top_p = 1.0, 1.0
+        temperature, top_p = defaults
     else:
-        temperature = 1.0 if req.temperature is None else req.temperature
-        top_p = 1.0 if req.top_p is None else req.top_p
+        temperature = defaults[0] if req.temperature is None else req.temperature
+        top_p = defaults[1] if req.top_p is None else req.top_p
         if top_p == 0.0:
             temperature, top_p = 0.0, 1.0
     return SamplingChoice(temperature=temperature, top_p=top_p, seed=req.seed, stop=stop)
