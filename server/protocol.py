@@ -46,51 +46,42 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class ChatCompletionRequest(_Body):
+class _GenerationBody(_Body):
+    """Fields chat and text completions share."""
+
     model: str
-    messages: list[dict[str, Any]]
-    thinking: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    response_format: dict[str, Any] | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     temperature: float | None = None
     top_p: float | None = None
+    user_id: str | None = None
+    user: str | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    n: int | None = 1
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+class ChatCompletionRequest(_GenerationBody):
+    messages: list[dict[str, Any]]
+    thinking: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    max_completion_tokens: int | None = None
+    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    user_id: str | None = None
-    user: str | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    n: int | None = 1
-    seed: int | None = None
-    ignore_eos: bool = False
 
 
-class CompletionRequest(_Body):
-    model: str
+class CompletionRequest(_GenerationBody):
     prompt: str | list[str]
     suffix: str | None = None
     echo: bool | None = False
-    max_tokens: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
     logprobs: int | None = None
-    user_id: str | None = None
-    user: str | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    n: int | None = 1
-    seed: int | None = None
-    ignore_eos: bool = False
 
 
 class TokenizeRequest(_Body):
