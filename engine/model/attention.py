@@ -7,7 +7,9 @@ per-head attention sinks, inverse RoPE on the output, grouped low-rank output pr
 - CSA (ratio 4, overlapping windows): + the lightning indexer's top-k compressed entries.
 
 Projections run on the flat batch; the compressor, cache reads/writes and the attention core
-run per sequence (plain torch; kernels replace these loops on GPU).
+run per sequence in plain torch for prefill chunks; decode tokens of all sequences are served
+together (padded gathers) and their attention core goes through `kernels.sink_attention`
+(Triton on CUDA, the torch twin elsewhere).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from engine.batch import ForwardBatch, SeqView
 from engine.config import ModelConfig
 from engine.kv_cache import CSA_RATIO, CompressorState, KVCache
 from engine.model.layers import Linear, RMSNorm, Rotary, apply_rope, rms_norm
+from kernels import sink_attention
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -262,12 +265,7 @@ class Attention(nn.Module):
                                                    cvalid, reduce)
             keys = torch.cat([keys, ckeys.to(keys.dtype)], dim=1)
             mask = torch.cat([mask, cvalid], dim=1)
-        scores = torch.einsum("bhd,bkd->bhk", q, keys).float() * self.softmax_scale
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        sink = self.attn_sink.float()[None, :, None].expand(q.shape[0], -1, 1)
-        logits = torch.cat([scores, sink], dim=-1)
-        probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
-        return torch.einsum("bhk,bkd->bhd", probs.to(keys.dtype), keys)
+        return sink_attention(q, keys, mask, self.attn_sink, self.softmax_scale)
 
     def _window(self, kv: torch.Tensor, seq: SeqView, cache: KVCache, qpos: torch.Tensor):
         """Keys for the sliding window (cached ring + this step's tokens) and their mask."""
