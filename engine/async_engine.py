@@ -53,6 +53,7 @@ class AsyncEngine:
         self._stopping = False
         self.fatal_error: str | None = None
         self._stats: dict = {}
+        self._stats_time = 0.0
         self._step_listeners: list[StepListener] = [on_step] if on_step is not None else []
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -122,7 +123,7 @@ class AsyncEngine:
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            waiting = self._stats.get("waiting", 0) + self._inbox.qsize()
+            waiting = self.core.last_step_stats.num_waiting + self._inbox.qsize()
             if waiting >= self.max_queue:
                 raise EngineOverloaded(f"too many queued requests ({waiting}); retry later")
             q: asyncio.Queue = asyncio.Queue()
@@ -167,7 +168,11 @@ class AsyncEngine:
                 self.fatal_error = f"engine failure: {e}"
                 self._fail_all(EngineDead(self.fatal_error))
                 return
-            self._stats = core.stats()
+            # Full stats walk every live block table: refresh them at most 4×/s, and always once
+            # the engine goes idle (so a finished run is reflected before clients hear of it).
+            now = time.monotonic()
+            if not core.has_unfinished() or now - self._stats_time >= 0.25:
+                self._stats, self._stats_time = core.stats(), now
             self._publish_step(core.last_step_stats)  # first, so metrics already count what clients get
             for out in outputs:
                 self._deliver(out.request_id, out)
