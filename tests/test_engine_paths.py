@@ -80,6 +80,11 @@ def test_greedy_parity_under_forced_preemption(tiny_dir, reference_outputs):
     assert stats["preemptions"] > 0, "the test must really preempt"
     assert got == solo
     assert stats["kv_cache"]["live_fraction"] == 0.0
+    # Only prefix-cache checkpoints hold anything now; evicting them empties every pool.
+    core.kv_manager.evict_all_checkpoints()
+    core.kv_manager.check_integrity()
+    pools = core.stats()["kv_cache"]["pools"]
+    assert all(p["live"] == 0 and p["cached"] == 0 for p in pools.values()), pools
 
 
 def test_batched_without_prefix_cache_no_leak(tiny_dir, reference_outputs):
