@@ -24,6 +24,7 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY engine ./engine
 COPY kernels ./kernels
+COPY bench/__init__.py bench/bench_serve.py ./bench/
 RUN pip install .
 
 # ---- runtime: CUDA runtime + python + the venv, as a non-root user ------------------------------

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.batch import ForwardBatch, SeqView
-from engine.config import ModelConfig
-from engine.demo_data import Conversation, eval_conversations
-from engine.kv_cache import CacheShape, KVCache
-from engine.loader import load_weights
+from engine.worker.input_batch import ForwardBatch, SeqView
+from engine.model.config import ModelConfig
+from demo.demo_data import Conversation, eval_conversations
+from engine.worker.kv_cache import CacheShape, KVCache
+from engine.model.loader import load_weights
 from engine.model.deepseek_v4 import DeepseekV4
 from engine.tokenizer import Tokenizer
 from server.chat_template import ends_inside_reasoning

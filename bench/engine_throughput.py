@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.batch import ForwardBatch, SeqView  # noqa: E402
-from engine.kv_cache import CacheShape, KVCache  # noqa: E402
+from engine.worker.input_batch import ForwardBatch, SeqView  # noqa: E402
+from engine.worker.kv_cache import CacheShape, KVCache  # noqa: E402
 
 
 def prompts_for(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     model_dir = args.model
     tmp = None
     if model_dir is None:
-        from engine.make_tiny import make_tiny
+        from engine.tiny.make_tiny import make_tiny
 
         tmp = tempfile.TemporaryDirectory()
         model_dir = tmp.name

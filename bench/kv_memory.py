@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.cache_layout import CacheLayout  # noqa: E402
+from engine.core.cache_layout import CacheLayout  # noqa: E402
 
 MODELS = {
     # name: (compress_ratios of the main layers, head_dim, index_head_dim, rope_dim)

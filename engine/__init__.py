@@ -1,5 +1,5 @@
 """dsv4-serve engine: ``from engine import LLM, SamplingParams``."""
-from engine.sampling import SamplingParams
+from engine.worker.sampler import SamplingParams
 
 __all__ = ["LLM", "SamplingParams"]
 

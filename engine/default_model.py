@@ -21,7 +21,7 @@ def default_model_dir() -> str:
         return DEMO_DIR
     target = os.path.join(cache_root(), TINY_VERSION)
     if not os.path.exists(os.path.join(target, "config.json")):
-        from engine.make_tiny import make_tiny
+        from engine.tiny.make_tiny import make_tiny
 
         tmp = f"{target}.tmp{os.getpid()}"
         make_tiny(tmp, seed=0)

@@ -12,17 +12,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.cache_layout import CacheLayout, CachePool
-from engine.config import ModelConfig
+from engine.core.cache_layout import CacheLayout, CachePool
+from engine.model.config import ModelConfig
 from engine.default_model import default_model_dir
 from engine.detokenizer import IncrementalDetokenizer, StopChecker
 from engine.engine_config import EngineConfig
-from engine.kv_cache import CacheShape
-from engine.kv_cache_manager import KVCacheManager
+from engine.worker.kv_cache import CacheShape
+from engine.core.kv_cache_manager import KVCacheManager
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
-from engine.request import Request
-from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.core.request import Request
+from engine.worker.sampler import SamplingParams
+from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -113,12 +113,12 @@ class EngineCore:
     def _make_runner(self, layout):
         cfg = self.config
         if cfg.tensor_parallel_size > 1:
-            from engine.parallel import ParallelModelRunner
+            from engine.distributed.parallel import ParallelModelRunner
 
             return ParallelModelRunner(self.model_dir, self.model_config, self.dtype, self.device,
                                        tp_size=cfg.tensor_parallel_size,
                                        enable_expert_parallel=cfg.enable_expert_parallel, seed=cfg.seed)
-        from engine.model_runner import ModelRunner
+        from engine.worker.model_runner import ModelRunner
 
         return ModelRunner(self.model_dir, self.model_config, self.dtype, self.device, seed=cfg.seed)
 
@@ -275,7 +275,7 @@ class EngineCore:
 
 
 def _is_lost_rank(e: Exception) -> bool:
-    from engine.parallel import ParallelWorkerError  # only reachable with tensor parallelism
+    from engine.distributed.parallel import ParallelWorkerError  # only reachable with tensor parallelism
 
     return isinstance(e, ParallelWorkerError)
 

@@ -11,7 +11,7 @@ from typing import Sequence
 from engine.engine_config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.outputs import CompletionOutput, TokenLogprob
-from engine.sampling import SamplingParams
+from engine.worker.sampler import SamplingParams
 
 
 class LLM:

@@ -96,7 +96,7 @@ def _add_train_demo(subparsers) -> None:
 
 
 def run_train_demo(argv: list[str]) -> int:
-    from engine import train_demo
+    from demo import train_demo
 
     parser = argparse.ArgumentParser(prog="dsv4 train-demo", description=train_demo.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,7 +140,7 @@ def build_configs(args: argparse.Namespace):
 
 
 def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from engine.parallel import run_worker_from_env
+    from engine.distributed.parallel import run_worker_from_env
 
     if run_worker_from_env():  # a non-zero torchrun rank: serve the driver's steps, no HTTP
         return 0
@@ -161,7 +161,7 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def run_make_tiny(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from engine.make_tiny import make_tiny
+    from engine.tiny.make_tiny import make_tiny
 
     if args.shards < 1:
         parser.error(f"--shards must be >= 1, got {args.shards}")
@@ -171,7 +171,7 @@ def run_make_tiny(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def run_bench_serve(bench_argv: list[str]) -> int:
-    from server import bench_serve
+    from bench import bench_serve
 
     bench_parser = argparse.ArgumentParser(prog="dsv4 bench serve", description=bench_serve.__doc__.split("\n\n")[0])
     bench_serve.add_arguments(bench_parser)

@@ -11,7 +11,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The official-layout tiny checkpoint `dsv4 make-tiny` writes (seed 0)."""
-    from engine.make_tiny import make_tiny
+    from engine.tiny.make_tiny import make_tiny
 
     d = tmp_path_factory.mktemp("tiny")
     make_tiny(str(d), seed=0)

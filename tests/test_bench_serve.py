@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server import bench_serve
+from bench import bench_serve
 
 MODEL = "fake-model"
 FLAKY_MODEL = "flaky-model"  # every third request of this model gets HTTP 500

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from engine.block_pool import BlockPool, NoFreeBlocks
+from engine.core.block_pool import BlockPool, NoFreeBlocks
 
 
 def test_allocate_takes_longest_free_first_and_frees_to_the_back():

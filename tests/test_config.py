@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from engine.config import ConfigError, ModelConfig
+from engine.model.config import ConfigError, ModelConfig
 
 OFFICIAL_FLASH = {  # V4-Flash's config.json (official spelling), spec §1.1
     "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "vocab_size": 129280,

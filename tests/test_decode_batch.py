@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from engine.batch import ForwardBatch, SeqView
-from engine.config import ModelConfig
-from engine.kv_cache import CacheShape, KVCache
-from engine.loader import load_weights
+from engine.worker.input_batch import ForwardBatch, SeqView
+from engine.model.config import ModelConfig
+from engine.worker.kv_cache import CacheShape, KVCache
+from engine.model.loader import load_weights
 from engine.model.deepseek_v4 import DeepseekV4
 
 

@@ -5,7 +5,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.engine_config import EngineConfig
-from engine.cache_layout import CachePool
+from engine.core.cache_layout import CachePool
 from engine.engine_core import EngineCore
 from hf_reference import hf_greedy, load_hf
 

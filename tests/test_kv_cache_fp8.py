@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.batch import ForwardBatch, SeqView
-from engine.cache_layout import CacheLayout, CachePool
-from engine.kv_cache import CacheShape, KVCache
-from engine.make_tiny import make_tiny, tiny_config
+from engine.worker.input_batch import ForwardBatch, SeqView
+from engine.core.cache_layout import CacheLayout, CachePool
+from engine.worker.kv_cache import CacheShape, KVCache
+from engine.tiny.make_tiny import make_tiny, tiny_config
 
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 

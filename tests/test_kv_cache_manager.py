@@ -4,9 +4,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.cache_layout import CacheLayout, CachePool
-from engine.kv_cache_manager import CacheCopy, KVCacheManager
-from engine.request import Request
+from engine.core.cache_layout import CacheLayout, CachePool
+from engine.core.kv_cache_manager import CacheCopy, KVCacheManager
+from engine.core.request import Request
 
 GIB = 2**30
 FLASH_RATIOS = [0, 0] + [4, 128] * 20 + [4]

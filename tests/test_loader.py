@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import ModelConfig
-from engine.loader import CheckpointError, load_weights
-from engine.make_tiny import make_tiny
+from engine.model.config import ModelConfig
+from engine.model.loader import CheckpointError, load_weights
+from engine.tiny.make_tiny import make_tiny
 from engine.model.deepseek_v4 import DeepseekV4
 from tests_util import forward_logits
 

@@ -10,15 +10,15 @@ import time
 import pytest
 import torch
 
-from engine.cache_layout import CachePool
-from engine.config import ModelConfig
-from engine.kv_cache import CacheShape
-from engine.kv_cache_manager import CacheCopy
-from engine.loader import CheckpointError, CheckpointReader, load_weights
+from engine.core.cache_layout import CachePool
+from engine.model.config import ModelConfig
+from engine.worker.kv_cache import CacheShape
+from engine.core.kv_cache_manager import CacheCopy
+from engine.model.loader import CheckpointError, CheckpointReader, load_weights
 from engine.model.deepseek_v4 import DeepseekV4, Parallel
 from engine.model.sharding import Split
-from engine.model_runner import ModelRunner
-from engine.parallel import BlockRefs, ChunkSpec, ParallelModelRunner, ParallelWorkerError, weight_bytes
+from engine.worker.model_runner import ModelRunner
+from engine.distributed.parallel import BlockRefs, ChunkSpec, ParallelModelRunner, ParallelWorkerError, weight_bytes
 
 SHAPE = CacheShape(num_window_slots=3, num_state_slots=3, num_c4_blocks=6, num_c128_blocks=3)
 # Scattered blocks on purpose. "c" continues from a snapshot of "a" taken after a's prompt.
@@ -179,7 +179,7 @@ def test_worker_fault_raises_in_driver(tiny_dir, cfg, fault):
 
 def _greedy_llm_run(tiny_dir, **parallel):
     from engine.llm import LLM
-    from engine.sampling import SamplingParams
+    from engine.worker.sampler import SamplingParams
 
     prompts = [_prompt(300, 37, 1000), "def fibonacci(n):\n    return"]
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True)
@@ -243,7 +243,7 @@ def test_http_server_with_tensor_parallel(tiny_dir):
 
 
 def test_torchrun_style_env_launch(tiny_dir, cfg, reference, monkeypatch):
-    """Multi-node path: rank 1 is a separate `python -m engine.parallel` (as on another node,
+    """Multi-node path: rank 1 is a separate `python -m engine.distributed.parallel` (as on another node,
     ranked by NODE_RANK); rank 0 finds the group through the same environment variables."""
     import socket
     import subprocess
@@ -255,7 +255,7 @@ def test_torchrun_style_env_launch(tiny_dir, cfg, reference, monkeypatch):
     env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     worker_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK")}
-    worker = subprocess.Popen([sys.executable, "-m", "engine.parallel"], cwd=repo,
+    worker = subprocess.Popen([sys.executable, "-m", "engine.distributed.parallel"], cwd=repo,
                               env={**worker_env, **env, "NODE_RANK": "1", "OMP_NUM_THREADS": "1"})
     try:
         for k, v in {**env, "RANK": "0"}.items():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.config import ModelConfig
-from engine.loader import load_weights
+from engine.model.config import ModelConfig
+from engine.model.loader import load_weights
 from engine.model.deepseek_v4 import DeepseekV4
 from hf_reference import hf_greedy, load_hf
 from tests_util import forward_logits

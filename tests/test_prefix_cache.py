@@ -4,11 +4,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.cache_layout import CacheLayout, CachePool
-from engine.kv_cache_manager import CacheCopy, KVCacheManager
-from engine.prefix_cache import Checkpoint, HashChain, MissReason, PrefixCache
-from engine.request import Request
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.core.cache_layout import CacheLayout, CachePool
+from engine.core.kv_cache_manager import CacheCopy, KVCacheManager
+from engine.core.prefix_cache import Checkpoint, HashChain, MissReason, PrefixCache
+from engine.core.request import Request
+from engine.core.scheduler import Scheduler, SchedulerConfig
 
 PAGE = 8
 UNIT = 64

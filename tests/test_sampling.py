@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from engine.sampling import Sampler, SamplingParams, make_generator
+from engine.worker.sampler import Sampler, SamplingParams, make_generator
 
 
 def _sample_many(logits_row: torch.Tensor, params: SamplingParams, num_draws: int,

@@ -5,10 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.cache_layout import CacheLayout
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import FinishReason, Request, RequestStatus
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.core.cache_layout import CacheLayout
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.request import FinishReason, Request, RequestStatus
+from engine.core.scheduler import Scheduler, SchedulerConfig
 
 EOS = 1
 UNIT = 32

@@ -7,7 +7,7 @@ import pytest
 import tokenizers
 from tokenizers import pre_tokenizers
 
-from engine.corpus import tiny_corpus
+from engine.tiny.corpus import tiny_corpus
 from engine.tokenizer import DEEPSEEK_SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 VOCAB_SIZE = 1024

@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine.config import ModelConfig
-from engine.loader import load_weights
+from engine.model.config import ModelConfig
+from engine.model.loader import load_weights
 from engine.model.deepseek_v4 import DeepseekV4
-from engine.train_demo import (
+from demo.train_demo import (
     TrainSettings, add_arguments, batch_loss, export_checkpoint, init_model, lr_at, make_batch, step_examples,
     train,
 )

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.batch import ForwardBatch, SeqView
-from engine.kv_cache import CacheShape, KVCache
+from engine.worker.input_batch import ForwardBatch, SeqView
+from engine.worker.kv_cache import CacheShape, KVCache
 
 
 def fresh_cache(model, max_tokens: int = 4096) -> KVCache:

@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engine.batch import ForwardBatch, SeqView
-from engine.config import ModelConfig
-from engine.kv_cache import CSA_RATIO, CompressorState, KVCache
+from engine.worker.input_batch import ForwardBatch, SeqView
+from engine.model.config import ModelConfig
+from engine.worker.kv_cache import CSA_RATIO, CompressorState, KVCache
 from engine.model.layers import Linear, RMSNorm, Rotary, apply_rope, rms_norm
 from kernels import sink_attention
 

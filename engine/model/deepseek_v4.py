@@ -11,9 +11,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engine.batch import ForwardBatch
-from engine.config import ModelConfig
-from engine.kv_cache import KVCache
+from engine.worker.input_batch import ForwardBatch
+from engine.model.config import ModelConfig
+from engine.worker.kv_cache import KVCache
 from engine.model.attention import Attention
 from engine.model.layers import RMSNorm, model_rotaries
 from engine.model.mhc import HyperConnection, HyperHead

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ModelConfig, YarnParams
+from engine.model.config import ModelConfig, YarnParams
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -116,7 +116,7 @@ class Linear(nn.Module):
         return self.dequantized()
 
     def dequantized(self) -> torch.Tensor:
-        from engine.quant import fp8_block_dequantize, mxfp4_dequantize
+        from engine.model.quant import fp8_block_dequantize, mxfp4_dequantize
 
         if self.qformat == "fp8":
             return fp8_block_dequantize(self.qweight, self.qscale, self.dense.dtype)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from engine.config import ModelConfig
+from engine.model.config import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from openai import OpenAI
 
 from engine.async_engine import AsyncEngine
 from engine.default_model import DEMO_DIR, default_model_dir
-from engine.demo_data import eval_conversations
+from demo.demo_data import eval_conversations
 from engine.engine_config import EngineConfig
 from server.app import BackgroundServer, create_app
 from server.json_schema import validate

@@ -21,7 +21,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from engine.config import ModelConfig, YarnParams
+from engine.model.config import ModelConfig, YarnParams
 
 TINY_SHAPE = dict(
     hidden_size=128, num_layers=4, num_heads=4, head_dim=64, rope_dim=16, q_lora_rank=64,
@@ -118,7 +118,7 @@ _F32_SUFFIXES = ("hc_head_fn", "hc_head_base", "hc_head_scale", "_fn", "_base", 
 
 def quantize_official(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Store tensors the way the official checkpoints do (spec §2.2–2.3)."""
-    from engine.quant import fp8_block_quantize, mxfp4_quantize
+    from engine.model.quant import fp8_block_quantize, mxfp4_quantize
 
     out: dict[str, torch.Tensor] = {}
     for name, w in tensors.items():
@@ -163,7 +163,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_b
 
 def make_tiny(out_dir: str, seed: int = 0, vocab_size: int = 1024, shards: int = 1, **overrides) -> ModelConfig:
     """Write a tiny official-layout checkpoint with its tokenizer; returns its config."""
-    from engine.corpus import tiny_corpus
+    from engine.tiny.corpus import tiny_corpus
     from engine.tokenizer import DEEPSEEK_SPECIAL_TOKENS, train_tokenizer
 
     os.makedirs(out_dir, exist_ok=True)

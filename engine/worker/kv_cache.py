@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import ModelConfig
-from engine.quant import (fp4_block_dequantize, fp4_block_quantize, fp8_kv_dequantize, fp8_kv_quantize,
+from engine.model.config import ModelConfig
+from engine.model.quant import (fp4_block_dequantize, fp4_block_quantize, fp8_kv_dequantize, fp8_kv_quantize,
                           hadamard_rotate)
 
 CSA_RATIO, HCA_RATIO = 4, 128

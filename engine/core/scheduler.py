@@ -26,9 +26,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.kv_cache_manager import BlockTable, CacheCopy, KVCacheManager
-from engine.prefix_cache import MissReason
-from engine.request import FinishReason, Request, RequestStatus
+from engine.core.kv_cache_manager import BlockTable, CacheCopy, KVCacheManager
+from engine.core.prefix_cache import MissReason
+from engine.core.request import FinishReason, Request, RequestStatus
 
 
 @dataclass(frozen=True)

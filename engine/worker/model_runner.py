@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.batch import ForwardBatch, SeqView
-from engine.config import ModelConfig
-from engine.kv_cache import CacheShape, KVCache
-from engine.loader import load_weights
+from engine.worker.input_batch import ForwardBatch, SeqView
+from engine.model.config import ModelConfig
+from engine.worker.kv_cache import CacheShape, KVCache
+from engine.model.loader import load_weights
 from engine.model.deepseek_v4 import DeepseekV4, Parallel
-from engine.sampling import Sampler, SamplingParams, make_generator
+from engine.worker.sampler import Sampler, SamplingParams, make_generator
 
 log = logging.getLogger(__name__)
 

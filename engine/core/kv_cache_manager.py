@@ -20,10 +20,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.block_pool import BlockPool
-from engine.cache_layout import CacheLayout, CachePool
-from engine.prefix_cache import Checkpoint, CheckpointKey, HashChain, MissReason, PrefixCache
-from engine.request import Request
+from engine.core.block_pool import BlockPool
+from engine.core.cache_layout import CacheLayout, CachePool
+from engine.core.prefix_cache import Checkpoint, CheckpointKey, HashChain, MissReason, PrefixCache
+from engine.core.request import Request
 
 BLOCK_POOLS = (CachePool.C4, CachePool.C128)  # pools that grow with the sequence
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from engine.cache_layout import CachePool
+from engine.core.cache_layout import CachePool
 
 _DIGEST_BYTES = 16
 

@@ -1,9 +1,9 @@
 """``dsv4 train-demo``: train the embedded demo model, a tiny DeepSeek-V4 that speaks V4's format.
 
-Pipeline: seeded synthetic conversations (``engine.demo_data``) → a byte-level BPE trained on
+Pipeline: seeded synthetic conversations (``demo.demo_data``) → a byte-level BPE trained on
 them → our own ``DeepseekV4`` trained from scratch (AdamW, warmup + cosine, loss on assistant
 tokens only) → an official-layout checkpoint (FP8 block weights, MXFP4 routed experts, BF16
-rest; ``engine.make_tiny.quantize_official``).
+rest; ``engine.tiny.make_tiny.quantize_official``).
 
 The last ``qat_fraction`` of the steps run quantisation-aware: the forward sees every weight
 exactly as the exported checkpoint will store it (straight-through gradients to the fp32
@@ -29,14 +29,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.batch import ForwardBatch, SeqView
-from engine.config import ModelConfig
-from engine.demo_data import conversations, tokenize
-from engine.kv_cache import CacheShape, KVCache
-from engine.loader import expected_tensors
-from engine.make_tiny import quantize_official, random_official_tensors, save_safetensors, tiny_config
+from engine.worker.input_batch import ForwardBatch, SeqView
+from engine.model.config import ModelConfig
+from demo.demo_data import conversations, tokenize
+from engine.worker.kv_cache import CacheShape, KVCache
+from engine.model.loader import expected_tensors
+from engine.tiny.make_tiny import quantize_official, random_official_tensors, save_safetensors, tiny_config
 from engine.model.deepseek_v4 import DeepseekV4
-from engine.quant import fp8_block_dequantize, fp8_block_quantize, mxfp4_dequantize, mxfp4_quantize
+from engine.model.quant import fp8_block_dequantize, fp8_block_quantize, mxfp4_dequantize, mxfp4_quantize
 from engine.tokenizer import DEEPSEEK_SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 # All three attention types (0 sliding, 4 CSA, 128 HCA) and both MoE kinds (2 hash layers).

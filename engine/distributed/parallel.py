@@ -11,7 +11,7 @@ Two ways to form the group:
 - spawn (one node): ``ParallelModelRunner`` starts N-1 worker processes itself;
 - torchrun-style env (``MASTER_ADDR``, ``MASTER_PORT``, ``WORLD_SIZE``, ``RANK`` or ``NODE_RANK``,
   ``LOCAL_RANK``): rank 0 builds the runner, every other rank calls ``run_worker_from_env()``
-  (or ``python -m engine.parallel``). Workers receive the model settings from rank 0.
+  (or ``python -m engine.distributed.parallel``). Workers receive the model settings from rank 0.
 
 Failure handling: the control group waits without limit (an idle server is fine) but the model
 collectives time out after ``timeout_s`` (a hung rank); a dead spawned worker is noticed before
@@ -36,12 +36,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from engine.config import ModelConfig
-from engine.kv_cache import CacheShape
+from engine.model.config import ModelConfig
+from engine.worker.kv_cache import CacheShape
 from engine.model.deepseek_v4 import DeepseekV4, Parallel
 from engine.model.layers import Linear
 from engine.model.sharding import validate_parallel
-from engine.model_runner import ModelRunner, SampleResult
+from engine.worker.model_runner import ModelRunner, SampleResult
 
 log = logging.getLogger(__name__)
 
@@ -474,7 +474,7 @@ class ParallelModelRunner:
         if group is not None:
             if group.rank != 0:
                 raise ValueError(f"ParallelModelRunner runs on rank 0 only (this is RANK={group.rank}); "
-                                 "other ranks call engine.parallel.run_worker_from_env()")
+                                 "other ranks call engine.distributed.parallel.run_worker_from_env()")
             if group.world_size != tp_size:
                 raise ValueError(f"tensor_parallel_size={tp_size} does not match WORLD_SIZE={group.world_size}")
             self._group = _Group(group, [], [])
@@ -569,11 +569,11 @@ class ParallelModelRunner:
 
 
 def main() -> None:
-    """``python -m engine.parallel``: a worker rank of a torchrun-style launch."""
+    """``python -m engine.distributed.parallel``: a worker rank of a torchrun-style launch."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(process)d %(levelname)s %(message)s")
     group = env_group_spec()
     if group is None or group.rank == 0:
-        raise SystemExit("engine.parallel runs non-zero ranks of a multi-process launch: set WORLD_SIZE > 1, "
+        raise SystemExit("engine.distributed.parallel runs non-zero ranks of a multi-process launch: set WORLD_SIZE > 1, "
                          "RANK (or NODE_RANK) > 0, MASTER_ADDR and MASTER_PORT; rank 0 runs `dsv4 serve`")
     _worker_loop(group)
 
