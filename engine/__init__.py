@@ -1,5 +1,5 @@
 """dsv4-serve engine: ``from engine import LLM, SamplingParams``."""
-from engine.worker.sampler import SamplingParams
+from engine.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams"]
 

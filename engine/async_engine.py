@@ -17,7 +17,7 @@ from typing import AsyncIterator, Callable
 from engine.engine_config import EngineConfig
 from engine.engine_core import EngineCore, EngineStepStats
 from engine.outputs import RequestOutput
-from engine.worker.sampler import SamplingParams
+from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from engine.worker.kv_cache import CacheShape
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from engine.core.request import Request
-from engine.worker.sampler import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.tokenizer import Tokenizer
 

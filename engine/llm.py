@@ -11,7 +11,7 @@ from typing import Sequence
 from engine.engine_config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.outputs import CompletionOutput, TokenLogprob
-from engine.worker.sampler import SamplingParams
+from engine.sampling_params import SamplingParams
 
 
 class LLM:

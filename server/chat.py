@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import Response
 
-from engine.worker.sampler import SamplingParams
+from engine.sampling_params import SamplingParams
 from server.chat_template import THINK_END, encode_messages, ends_inside_reasoning
 from server.errors import invalid_request
 from server.json_constraint import JsonObjectProcessor

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import Response
 
-from engine.worker.sampler import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.tokenizer import FIM_BEGIN_TOKEN, FIM_END_TOKEN, FIM_HOLE_TOKEN
 from server.chat_template import BOS, EOS
 from server.errors import invalid_request

@@ -179,7 +179,7 @@ def test_worker_fault_raises_in_driver(tiny_dir, cfg, fault):
 
 def _greedy_llm_run(tiny_dir, **parallel):
     from engine.llm import LLM
-    from engine.worker.sampler import SamplingParams
+    from engine.sampling_params import SamplingParams
 
     prompts = [_prompt(300, 37, 1000), "def fibonacci(n):\n    return"]
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True)

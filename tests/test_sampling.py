@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from engine.worker.sampler import Sampler, SamplingParams, make_generator
+from engine.sampling_params import SamplingParams
+from engine.worker.sampler import Sampler, make_generator
 
 
 def _sample_many(logits_row: torch.Tensor, params: SamplingParams, num_draws: int,

@@ -64,7 +64,7 @@ class Request:
     """A prompt plus the tokens generated so far.
 
     `sampling_params` is duck-typed: anything with `max_tokens` (None = unbounded),
-    `min_tokens`, `ignore_eos` and `stop_token_ids` (engine/sampling.py's SamplingParams).
+    `min_tokens`, `ignore_eos` and `stop_token_ids` (engine/sampling_params.py).
     Timestamps use whatever clock the scheduler was built with (monotonic by default).
     """
 

@@ -16,7 +16,8 @@ from engine.model.config import ModelConfig
 from engine.worker.kv_cache import CacheShape, KVCache
 from engine.model.loader import load_weights
 from engine.model.deepseek_v4 import DeepseekV4, Parallel
-from engine.worker.sampler import Sampler, SamplingParams, make_generator
+from engine.sampling_params import SamplingParams
+from engine.worker.sampler import Sampler, make_generator
 
 log = logging.getLogger(__name__)
 
