@@ -1,4 +1,4 @@
-"""``dsv4 train-demo``: train the embedded demo model, a tiny DeepSeek-V4 that speaks V4's format.
+"""``python -m demo.train_demo``: train the embedded demo model, a tiny DeepSeek-V4 that speaks V4's format.
 
 Pipeline: seeded synthetic conversations (``demo.demo_data``) → a byte-level BPE trained on
 them → our own ``DeepseekV4`` trained from scratch (AdamW, warmup + cosine, loss on assistant
@@ -339,10 +339,10 @@ def write_training_notes(out_dir: str, command: str, settings: TrainSettings, st
     lines = [
         "# Demo model: training record", "",
         "A tiny DeepSeek-V4 (all three attention types, hash and routed MoE) trained from scratch with "
-        "our own implementation on seeded synthetic conversations (`engine/demo_data.py`), exported in "
+        "our own implementation on seeded synthetic conversations (`demo/demo_data.py`), exported in "
         "the official layout (FP8 block weights, MXFP4 routed experts).", "",
         f"- command: `{command}`",
-        f"- exact repeat: `dsv4 train-demo --out DIR --seed {settings.seed} --steps {steps} "
+        f"- exact repeat: `python -m demo.train_demo --out DIR --seed {settings.seed} --steps {steps} "
         f"--batch-size {settings.batch_size} --lr {settings.lr} --threads {settings.threads}`",
         f"- seed: {settings.seed}",
         f"- steps: {steps} × {settings.batch_size} conversations; AdamW lr {settings.lr}, warmup "
@@ -376,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
     result = train(settings, work, Progress())
     export_checkpoint(result.model, work, args.out)
     shutil.rmtree(work, ignore_errors=True)
-    command = (f"dsv4 train-demo --out {args.out} --minutes {args.minutes:g} --seed {args.seed} "
+    command = (f"python -m demo.train_demo --out {args.out} --minutes {args.minutes:g} --seed {args.seed} "
                f"--batch-size {args.batch_size} --lr {args.lr:g} --threads {args.threads}"
                + (f" --steps {args.steps}" if args.steps else ""))
     write_training_notes(args.out, command, settings, result.steps, result.final_loss, result.seconds)
@@ -386,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsv4 train-demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m demo.train_demo", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -82,26 +82,10 @@ def _add_make_tiny(subparsers) -> None:
 def _add_bench(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmarks")
     kinds = p.add_subparsers(dest="bench_kind", required=True)
-    # The flags belong to server/bench_serve.py, parsed there, so `dsv4 --help` needn't import it.
+    # The flags belong to bench/bench_serve.py, parsed there, so `dsv4 --help` needn't import it.
     serve = kinds.add_parser("serve", add_help=False,
                              help="load-test an OpenAI-compatible server (dsv4 bench serve --help)")
     serve.add_argument("bench_args", nargs=argparse.REMAINDER, help="bench flags")
-
-
-def _add_train_demo(subparsers) -> None:
-    # Flags belong to engine/train_demo.py (parsed there; it imports torch).
-    p = subparsers.add_parser("train-demo", add_help=False,
-                              help="train the embedded demo model (dsv4 train-demo --help)")
-    p.add_argument("train_args", nargs=argparse.REMAINDER)
-
-
-def run_train_demo(argv: list[str]) -> int:
-    from demo import train_demo
-
-    parser = argparse.ArgumentParser(prog="dsv4 train-demo", description=train_demo.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_demo.add_arguments(parser)
-    return train_demo.run(parser.parse_args(argv))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(subparsers)
     _add_make_tiny(subparsers)
     _add_bench(subparsers)
-    _add_train_demo(subparsers)
     return parser
 
 
@@ -187,8 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["bench", "serve"]:  # its flags are parsed by bench_serve itself
         return run_bench_serve(argv[2:])
-    if argv[:1] == ["train-demo"]:
-        return run_train_demo(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     return args.func(args, parser)
