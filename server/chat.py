@@ -6,9 +6,9 @@ aliases, `prefix` only under /beta, tools, JSON mode); `ChatRun` drives the engi
 with one `OutputParser` per choice.
 
 Policies:
-- finish_reason: `length` when the engine hit max_tokens; `tool_calls` when at least one
-  complete call was parsed; `insufficient_system_resource` when the engine aborted or failed
-  the request (DeepSeek's "interrupted" reason); else `stop`.
+- finish_reason (server/runs.py): `length` when the engine hit max_tokens; `tool_calls` when at
+  least one complete call was parsed; `insufficient_system_resource` when the engine aborted or
+  failed the request (DeepSeek's "interrupted" reason); else `stop`.
 - Tool calls are returned as generated (DeepSeek's non-strict behaviour). Arguments that do not
   match the tool's schema are logged and counted (`dsv4:tool_parse_errors{kind=
   "schema_violation"}`); malformed DSML is counted as `malformed_dsml` and the calls closed
@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
-import uuid
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -42,11 +40,11 @@ from server.json_constraint import JsonObjectProcessor
 from server.parsers import Delta, OutputParser, validate_tool_arguments
 from server.protocol import (
     DEFAULT_MAX_TOKENS_CHAT, DEFAULT_MAX_TOKENS_MAX_EFFORT, DEFAULT_MAX_TOKENS_THINKING, EFFORT_ALIASES,
-    MAX_TOP_LOGPROBS, ChatCompletionRequest, UsageCounts, cache_salt, check_n, check_sampling,
-    check_stream_options, logprob_entry, resolve_max_tokens,
+    MAX_TOP_LOGPROBS, ChatCompletionRequest, cache_salt, check_n, check_sampling, check_stream_options,
+    logprob_entry, resolve_max_tokens,
 )
+from server.runs import Choice, Run, RunPlan, envelope
 from server.serve_config import ServerContext
-from server.streaming import EngineJob, json_response, keepalive_events, sse_response, wait_first
 
 logger = logging.getLogger(__name__)
 
@@ -55,19 +53,13 @@ _TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _OMIT = object()
 
 
-@dataclass
-class ChatPlan:
+@dataclass(kw_only=True)
+class ChatPlan(RunPlan):
     """A validated chat request, ready for the engine."""
 
-    model: str
     thinking: bool
     tools: list[dict] | None  # offered to the model (and the parser)
-    prompt_ids: list[int]
     starts_in_reasoning: bool
-    params: list[SamplingParams]
-    cache_salt: str
-    stream: bool
-    include_usage: bool
     logprobs: bool
     top_logprobs: int
 
@@ -201,25 +193,22 @@ def plan_chat(ctx: ServerContext, req: ChatCompletionRequest, is_beta: bool) -> 
 # ---------------------------------------------------------------------------- one choice
 
 
-@dataclass
-class ChatChoice:
+@dataclass(kw_only=True)
+class ChatChoice(Choice):
     """The parse and the token accounting of one choice."""
 
-    index: int
     parser: OutputParser
     in_reasoning: bool
     think_end_id: int | None
     eos_id: int
     num_reasoning_tokens: int = 0
-    engine_finish: str | None = None
-    last_output: object = None
     has_started: bool = False
     logprobs: dict = field(default_factory=lambda: {"content": [], "reasoning_content": []})
     pending_logprobs: dict = field(default_factory=lambda: {"content": [], "reasoning_content": []})
 
     def feed(self, out, token_table, top_n: int) -> list[Delta]:
         """Fold one engine output in; the parser's deltas (plus its final ones when finished)."""
-        self.last_output = out
+        self.observe(out)
         entries = out.logprobs or []
         for position, token_id in enumerate(out.new_token_ids):
             part = "reasoning_content" if self.in_reasoning else "content"
@@ -234,10 +223,6 @@ class ChatChoice:
         deltas = self.parser.feed(out.new_text)
         if out.finished:
             deltas += self.parser.finish()
-            self.engine_finish = out.finish_reason or "abort"  # engine aborts carry no reason
-            if out.finish_reason in ("abort", "error"):
-                logger.warning("request %s ended by the engine: %s (%s)", out.request_id, out.finish_reason,
-                               out.stop_reason)
         return deltas
 
     def take_pending_logprobs(self, thinking: bool) -> dict:
@@ -251,12 +236,7 @@ class ChatChoice:
     def complete_calls(self) -> list:
         return [call for call in self.parser.tool_calls if call.is_complete]
 
-    @property
-    def finish_reason(self) -> str:
-        if self.engine_finish == "length":
-            return "length"
-        if self.engine_finish in ("abort", "error"):
-            return "insufficient_system_resource"
+    def natural_finish(self) -> str:
         return "tool_calls" if self.complete_calls else "stop"
 
 
@@ -276,9 +256,8 @@ class ChunkFormat:
 
     def chunk(self, index: int, delta: dict, finish_reason: str | None = None, logprobs=None,
               usage=_OMIT) -> dict:
-        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                 "system_fingerprint": self.system_fingerprint,
-                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+        chunk = envelope("chat.completion.chunk", self.id, self.created, self.model, self.system_fingerprint,
+                         [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
         if usage is not _OMIT:
             chunk["usage"] = usage
         elif self.include_usage:  # DeepSeek: include_usage only turns the absent key into null
@@ -329,55 +308,30 @@ def tool_call_problems(parser: OutputParser, tools: list[dict] | None) -> list[s
 # ---------------------------------------------------------------------------- the run
 
 
-class ChatRun:
-    """One API request in flight: its choices, and the response it turns into."""
+class ChatRun(Run):
+    """One chat request in flight: its choices' parses, and the reply they turn into."""
 
     def __init__(self, ctx: ServerContext, plan: ChatPlan):
-        self.ctx = ctx
-        self.plan = plan
-        self.id = str(uuid.uuid4())
-        self.created = int(time.time())
         tokenizer = ctx.engine.tokenizer
         think_end_id = tokenizer.token_to_id(THINK_END)
-        self.choices = [
+        choices = [
             ChatChoice(index=i, parser=OutputParser(plan.thinking, plan.tools,
                                                     starts_in_reasoning=plan.starts_in_reasoning),
                        in_reasoning=plan.starts_in_reasoning, think_end_id=think_end_id, eos_id=tokenizer.eos_id)
             for i in range(len(plan.params))]
+        super().__init__(ctx, plan, choices)
         self.format = ChunkFormat(self.id, self.created, plan.model, ctx.system_fingerprint, plan.thinking,
                                   plan.include_usage)
-        self.job = EngineJob(ctx.engine, [f"{self.id}-{i}" for i in range(len(plan.params))],
-                             plan.prompt_ids, plan.params, plan.cache_salt)
-        self._usage: dict | None = None
-        self._accounted = False
 
     # ---- accounting ------------------------------------------------------------------------
 
-    def usage(self) -> UsageCounts:
-        first = self.choices[0].last_output
-        return UsageCounts(
-            prompt_tokens=first.num_prompt_tokens if first else len(self.plan.prompt_ids),
-            cache_hit_tokens=first.num_cached_tokens if first else 0,
-            completion_tokens=sum(c.last_output.num_output_tokens for c in self.choices if c.last_output),
-            reasoning_tokens=sum(c.num_reasoning_tokens for c in self.choices) if self.plan.thinking else 0)
+    def reasoning_tokens(self) -> int:
+        return sum(c.num_reasoning_tokens for c in self.choices) if self.plan.thinking else 0
 
-    def settle(self) -> dict:
-        """Bill the request and feed metrics (once); the usage object."""
-        if self._usage is None:
-            for choice in self.choices:
-                for kind in tool_call_problems(choice.parser, self.plan.tools):
-                    self.ctx.count_tool_parse_error(kind)
-            counts = self.usage()
-            cost = self.ctx.account(self.job.progress, [_metric_reason(c) for c in self.choices], counts)
-            self._usage = counts.to_dict(cost)
-            self._accounted = True
-        return self._usage
-
-    def on_closed(self) -> None:
-        """Client gone or failure before the end: record the requests, bill nothing."""
-        if not self._accounted:
-            self._accounted = True
-            self.ctx.account(self.job.progress, [_metric_reason(c) for c in self.choices], None)
+    def before_settle(self) -> None:
+        for choice in self.choices:
+            for kind in tool_call_problems(choice.parser, self.plan.tools):
+                self.ctx.count_tool_parse_error(kind)
 
     # ---- non-streaming ---------------------------------------------------------------------
 
@@ -402,8 +356,7 @@ class ChatRun:
                     logprobs["reasoning_content"] = choice.logprobs["reasoning_content"]
             choices.append({"index": choice.index, "message": message, "logprobs": logprobs,
                             "finish_reason": choice.finish_reason})
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.plan.model,
-                "system_fingerprint": self.ctx.system_fingerprint, "choices": choices, "usage": self.settle()}
+        return {**self.envelope("chat.completion", choices), "usage": self.settle()}
 
     # ---- streaming -------------------------------------------------------------------------
 
@@ -425,22 +378,6 @@ class ChatRun:
         return chunks
 
 
-def _metric_reason(choice: ChatChoice) -> str:
-    if choice.engine_finish is None or choice.engine_finish == "abort":
-        return "abort"
-    if choice.engine_finish == "error":
-        return "error"
-    return choice.finish_reason
-
-
 async def create_chat_completion(ctx: ServerContext, request: Request, req: ChatCompletionRequest,
                                  is_beta: bool) -> Response:
-    plan = plan_chat(ctx, req, is_beta)
-    run = ChatRun(ctx, plan)
-    interval = ctx.config.keep_alive_interval
-    first = await wait_first(run.job, interval)
-    if plan.stream:
-        events = keepalive_events(run.job, first, interval, run.render)
-        return sse_response(events, run.job, run.id, ctx.config.drain_timeout, on_close=run.on_closed)
-    return await json_response(request, run.job, first, run.consume, run.body, interval, run.id,
-                               on_close=run.on_closed)
+    return await ChatRun(ctx, plan_chat(ctx, req, is_beta)).respond(request)

@@ -14,8 +14,6 @@ the chat endpoint (DeepSeek: usage on the final finish chunk).
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -26,24 +24,18 @@ from engine.tokenizer import FIM_BEGIN_TOKEN, FIM_END_TOKEN, FIM_HOLE_TOKEN
 from server.chat_template import BOS, EOS
 from server.errors import invalid_request
 from server.protocol import (
-    DEFAULT_MAX_TOKENS_FIM, MAX_TOP_LOGPROBS, CompletionRequest, UsageCounts, cache_salt, check_n,
-    check_sampling, check_stream_options, resolve_max_tokens,
+    DEFAULT_MAX_TOKENS_FIM, MAX_TOP_LOGPROBS, CompletionRequest, cache_salt, check_n, check_sampling,
+    check_stream_options, resolve_max_tokens,
 )
+from server.runs import Choice, Run, RunPlan
 from server.serve_config import ServerContext
-from server.streaming import EngineJob, json_response, keepalive_events, sse_response, wait_first
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class CompletionPlan:
-    model: str
+@dataclass(kw_only=True)
+class CompletionPlan(RunPlan):
     prompt_text: str  # what `echo` repeats
-    prompt_ids: list[int]
-    params: list[SamplingParams]
-    cache_salt: str
-    stream: bool
-    include_usage: bool
     echo: bool
     logprobs: int | None
 
@@ -87,20 +79,17 @@ def plan_completion(ctx: ServerContext, req: CompletionRequest) -> CompletionPla
                           echo=bool(req.echo), logprobs=req.logprobs)
 
 
-@dataclass
-class CompletionChoice:
-    index: int
+@dataclass(kw_only=True)
+class CompletionChoice(Choice):
     text_pieces: list[str] = field(default_factory=list)
     num_chars: int = 0  # text length so far, echo included (for text_offset)
     seen_eos: bool = False
-    engine_finish: str | None = None
-    last_output: object = None
     logprobs: dict = field(default_factory=lambda: {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                                     "text_offset": []})
 
     def feed(self, out, table, eos_id: int, with_logprobs: bool) -> tuple[str, dict | None]:
         """The new text of `out` (EOS cut) and its logprobs in the legacy shape."""
-        self.last_output = out
+        self.observe(out)
         piece = ""
         if not self.seen_eos:
             piece, eos, _ = out.new_text.partition(EOS)
@@ -121,55 +110,15 @@ class CompletionChoice:
                 self.logprobs[key].extend(values)
         self.text_pieces.append(piece)
         self.num_chars += len(piece)
-        if out.finished:
-            self.engine_finish = out.finish_reason or "abort"  # engine aborts carry no reason
         return piece, new_logprobs
 
-    @property
-    def finish_reason(self) -> str:
-        if self.engine_finish in ("abort", "error"):
-            return "insufficient_system_resource"
-        return "length" if self.engine_finish == "length" else "stop"
 
-    @property
-    def metric_reason(self) -> str:
-        if self.engine_finish in (None, "abort"):
-            return "abort"
-        return "error" if self.engine_finish == "error" else self.finish_reason
-
-
-class CompletionRun:
+class CompletionRun(Run):
     def __init__(self, ctx: ServerContext, plan: CompletionPlan):
-        self.ctx = ctx
-        self.plan = plan
-        self.id = str(uuid.uuid4())
-        self.created = int(time.time())
+        choices = [CompletionChoice(index=i, num_chars=len(plan.prompt_text) if plan.echo else 0)
+                   for i in range(len(plan.params))]
+        super().__init__(ctx, plan, choices)
         self.eos_id = ctx.engine.tokenizer.eos_id
-        self.choices = [CompletionChoice(index=i) for i in range(len(plan.params))]
-        if plan.echo:
-            for choice in self.choices:
-                choice.num_chars = len(plan.prompt_text)
-        self.job = EngineJob(ctx.engine, [f"{self.id}-{i}" for i in range(len(plan.params))],
-                             plan.prompt_ids, plan.params, plan.cache_salt)
-        self._usage: dict | None = None
-        self._accounted = False
-
-    def settle(self) -> dict:
-        if self._usage is None:
-            first = self.choices[0].last_output
-            counts = UsageCounts(
-                prompt_tokens=first.num_prompt_tokens if first else len(self.plan.prompt_ids),
-                cache_hit_tokens=first.num_cached_tokens if first else 0,
-                completion_tokens=sum(c.last_output.num_output_tokens for c in self.choices if c.last_output))
-            cost = self.ctx.account(self.job.progress, [c.metric_reason for c in self.choices], counts)
-            self._usage = counts.to_dict(cost)
-            self._accounted = True
-        return self._usage
-
-    def on_closed(self) -> None:
-        if not self._accounted:
-            self._accounted = True
-            self.ctx.account(self.job.progress, [c.metric_reason for c in self.choices], None)
 
     def _feed(self, index: int, out):
         return self.choices[index].feed(out, self.ctx.token_table, self.eos_id, self.plan.logprobs is not None)
@@ -182,14 +131,12 @@ class CompletionRun:
         choices = [{"text": echo + "".join(c.text_pieces), "index": c.index,
                     "logprobs": c.logprobs if self.plan.logprobs is not None else None,
                     "finish_reason": c.finish_reason} for c in self.choices]
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.plan.model,
-                "system_fingerprint": self.ctx.system_fingerprint, "choices": choices, "usage": self.settle()}
+        return {**self.envelope("text_completion", choices), "usage": self.settle()}
 
     def _chunk(self, index: int, text: str, logprobs, finish_reason: str | None, usage=None,
                with_usage: bool = False) -> dict:
-        chunk = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.plan.model,
-                 "system_fingerprint": self.ctx.system_fingerprint,
-                 "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}]}
+        chunk = self.envelope("text_completion",
+                              [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}])
         if with_usage or self.plan.include_usage:
             chunk["usage"] = usage
         return chunk
@@ -210,12 +157,4 @@ class CompletionRun:
 
 
 async def create_completion(ctx: ServerContext, request: Request, req: CompletionRequest) -> Response:
-    plan = plan_completion(ctx, req)
-    run = CompletionRun(ctx, plan)
-    interval = ctx.config.keep_alive_interval
-    first = await wait_first(run.job, interval)
-    if plan.stream:
-        events = keepalive_events(run.job, first, interval, run.render)
-        return sse_response(events, run.job, run.id, ctx.config.drain_timeout, on_close=run.on_closed)
-    return await json_response(request, run.job, first, run.consume, run.body, interval, run.id,
-                               on_close=run.on_closed)
+    return await CompletionRun(ctx, plan_completion(ctx, req)).respond(request)
