@@ -1,0 +1,237 @@
+"""Where a decode step goes: device ops per layer, host syncs per step, host time outside the forward.
+
+Measured from outside the engine through its public API (``LLM`` → ``EngineCore.step``):
+
+- **device ops**: every aten op dispatched while one decode step runs, counted with a
+  ``TorchDispatchMode`` (view ops excluded: they launch nothing). "per layer" counts the ops
+  dispatched inside the model's decoder blocks (forward hooks mark them) divided by the number
+  of layers; "rest of forward" and "outside forward" are the remainder.
+- **host syncs**: ops that make the host wait for the device — ``aten._local_scalar_dense``
+  (``.item()``, ``int(t)``, ``float(t)``, ``bool(t)``), ``nonzero``/``unique``/``masked_select``
+  and other data-dependent-size ops, device→host copies, and ``Tensor.tolist()`` (which on CPU
+  does not dispatch, so it is counted by wrapping the method for the measured step).
+- **host step time**: ``EngineCore.step`` at 256 running sequences with the model replaced by a
+  stub that returns fixed logits (benchmark only), so what is left is schedule + batch build +
+  sample + outputs.
+
+    python bench/step_profile.py [--batch-sizes 1 32 128] [--host-seqs 256] [--host-steps 30]
+
+A tiny 5-layer official-layout checkpoint (sliding, CSA, HCA, CSA, HCA) is made in a temp dir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine import LLM, SamplingParams  # noqa: E402
+
+SYNC_OPS = {
+    "aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_static", "aten::_unique", "aten::_unique2",
+    "aten::unique_dim", "aten::unique_consecutive", "aten::unique_dim_consecutive", "aten::masked_select",
+    "aten::item", "aten::is_nonzero",
+}
+
+
+def _is_view(func) -> bool:
+    return torch.Tag.view_copy not in func.tags and (
+        func.is_view or any(a.alias_info is not None and not a.alias_info.is_write for a in func._schema.returns))
+
+
+class StepCounter(TorchDispatchMode):
+    """Counts dispatched aten ops by region and host syncs (see module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        self.region = "outside"
+        self.ops: Counter = Counter()
+        self.syncs: Counter = Counter()
+        self.sync_regions: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name in SYNC_OPS or self._is_device_to_host(func, args, kwargs):
+            self.syncs[name] += 1
+            self.sync_regions[self.region] += 1
+        if not _is_view(func):
+            self.ops[self.region] += 1
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _is_device_to_host(func, args, kwargs) -> bool:
+        if func._schema.name not in ("aten::_to_copy", "aten::copy_", "aten::to"):
+            return False
+        src = args[1] if func._schema.name == "aten::copy_" else args[0]
+        dst_dev = kwargs.get("device")
+        if func._schema.name == "aten::copy_":
+            dst_dev = args[0].device
+        return (isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst_dev is not None
+                and torch.device(dst_dev).type == "cpu")
+
+
+def _hook_regions(model: nn.Module, counter: StepCounter) -> list:
+    """Forward hooks that tag ops as forward / layer while the model runs."""
+    handles = []
+
+    def enter(region):
+        def pre(_m, _a, *rest):
+            counter.region = region
+        return pre
+
+    def leave(region):
+        def post(_m, _a, _o, *rest):
+            counter.region = region
+        return post
+
+    handles.append(model.register_forward_pre_hook(enter("forward")))
+    handles.append(model.register_forward_hook(leave("outside")))
+    for block in model.layers:
+        handles.append(block.register_forward_pre_hook(enter("layers")))
+        handles.append(block.register_forward_hook(leave("forward")))
+    return handles
+
+
+class _TolistCounter:
+    """``Tensor.tolist`` does not dispatch on CPU: count it by wrapping the method."""
+
+    def __init__(self, counter: StepCounter):
+        self.counter, self.orig = counter, torch.Tensor.tolist
+
+    def __enter__(self):
+        counter, orig = self.counter, self.orig
+
+        def tolist(t):
+            counter.syncs["Tensor.tolist"] += 1
+            counter.sync_regions[counter.region] += 1
+            return orig(t)
+        torch.Tensor.tolist = tolist
+        return self
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self.orig
+
+
+def make_model(out_dir: str) -> str:
+    from engine.make_tiny import make_tiny
+
+    make_tiny(out_dir, seed=0, num_layers=5, compress_ratios=(0, 4, 128, 4, 128))
+    return out_dir
+
+
+def _start_decoding(llm: LLM, batch: int, prompt_len: int, vocab: int) -> None:
+    """Add ``batch`` requests and step until every one of them is past its prefill."""
+    g = torch.Generator().manual_seed(batch)
+    params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        llm.engine.add_request(f"p{batch}-{i}", torch.randint(2, vocab, (prompt_len,), generator=g).tolist(), params)
+    sched = llm.engine.scheduler
+    for _ in range(10_000):
+        llm.engine.step()
+        if sched.num_waiting == 0 and all(r.num_output_tokens > 0 for r in sched.requests.values()):
+            break
+
+
+def profile_decode(model_dir: str, batch: int, prompt_len: int) -> dict:
+    llm = LLM(model_dir, max_num_seqs=max(batch, 1), max_num_batched_tokens=max(2048, batch),
+              enable_prefix_cache=False, kv_cache_memory=512 * 1024 * 1024)
+    model = llm.engine.runner.model
+    _start_decoding(llm, batch, prompt_len, llm.engine.model_config.vocab_size)
+    for _ in range(3):  # warm decode steps
+        llm.engine.step()
+    counter = StepCounter()
+    handles = _hook_regions(model, counter)
+    try:
+        with counter, _TolistCounter(counter):
+            llm.engine.step()
+    finally:
+        for h in handles:
+            h.remove()
+    n_layers = len(model.layers)
+    llm.shutdown()
+    return {
+        "batch": batch,
+        "ops_per_layer": counter.ops["layers"] / n_layers,
+        "ops_rest_of_forward": counter.ops["forward"],
+        "ops_outside_forward": counter.ops["outside"],
+        "syncs_per_step": sum(counter.syncs.values()),
+        "syncs_in_forward": counter.sync_regions["forward"] + counter.sync_regions["layers"],
+        "sync_kinds": dict(counter.syncs),
+    }
+
+
+class FixedLogitsModel(nn.Module):
+    """Benchmark-only stand-in for the model: fixed logits, no cache work, so a step times the
+    host side alone. Token 1 + row index keeps the sampled ids varied but deterministic."""
+
+    def __init__(self, real: nn.Module):
+        super().__init__()
+        self.cfg, self.dtype, self.layers = real.cfg, real.dtype, nn.ModuleList()
+        self.logits = torch.zeros(1024, real.cfg.vocab_size)
+        self.logits[torch.arange(1024), 2 + torch.arange(1024) % (real.cfg.vocab_size - 2)] = 1.0
+
+    def forward(self, batch, cache) -> torch.Tensor:
+        return torch.zeros(len(batch.logits_rows), 1)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.logits[: hidden.shape[0]]
+
+
+def host_step_time(model_dir: str, seqs: int, steps: int) -> dict:
+    llm = LLM(model_dir, max_num_seqs=seqs, max_num_batched_tokens=max(4096, seqs),
+              enable_prefix_cache=False, kv_cache_memory=512 * 1024 * 1024)
+    runner = llm.engine.runner
+    runner.model = FixedLogitsModel(runner.model)
+    _start_decoding(llm, seqs, 16, llm.engine.model_config.vocab_size)
+    for _ in range(3):
+        llm.engine.step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        llm.engine.step()
+        times.append(time.perf_counter() - t)
+    assert llm.engine.scheduler.num_running == seqs
+    llm.shutdown()
+    times.sort()
+    return {"seqs": seqs, "steps": steps, "median_ms": 1e3 * times[len(times) // 2], "mean_ms": 1e3 * sum(times) / len(times)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: a tiny 5-layer one in a temp dir)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
+    ap.add_argument("--prompt-len", type=int, default=200, help="prompt tokens (past one CSA/indexer top-k)")
+    ap.add_argument("--host-seqs", type=int, default=256)
+    ap.add_argument("--host-steps", type=int, default=30)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or make_model(tmp)
+        rows = [profile_decode(model_dir, b, args.prompt_len) for b in args.batch_sizes]
+        host = host_step_time(model_dir, args.host_seqs, args.host_steps)
+    if args.json:
+        print(json.dumps({"decode": rows, "host": host}, indent=2))
+        return
+    print(f"{'batch':>5} | {'ops/layer':>9} | {'ops rest fwd':>12} | {'ops outside':>11} | {'syncs/step':>10} | "
+          f"{'in forward':>10} | kinds")
+    for r in rows:
+        print(f"{r['batch']:>5} | {r['ops_per_layer']:>9.1f} | {r['ops_rest_of_forward']:>12} | "
+              f"{r['ops_outside_forward']:>11} | {r['syncs_per_step']:>10} | {r['syncs_in_forward']:>10} | "
+              f"{r['sync_kinds']}")
+    print(f"host step time at {host['seqs']} sequences (stub model, {host['steps']} steps): "
+          f"median {host['median_ms']:.2f} ms, mean {host['mean_ms']:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
