@@ -123,7 +123,7 @@ class _TolistCounter:
 
 
 def make_model(out_dir: str) -> str:
-    from engine.make_tiny import make_tiny
+    from engine.tiny.make_tiny import make_tiny
 
     make_tiny(out_dir, seed=0, num_layers=5, compress_ratios=(0, 4, 128, 4, 128))
     return out_dir
