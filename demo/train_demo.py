@@ -99,13 +99,18 @@ def official_parameters(model: DeepseekV4) -> dict[str, torch.Tensor]:
     """Official tensor name → the model's live tensor (parameter or ``tid2eid`` buffer)."""
     out = {}
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.startswith("rotaries."):
-            continue
+        if name.startswith("rotaries.") or ".ffn.experts." in name:
+            continue  # stacked experts: per-expert views below
         n = name.replace(".dense", ".weight").replace(".shared.", ".shared_experts.")
         n = n.replace("ffn.gate_weight", "ffn.gate.weight").replace("ffn.gate_bias", "ffn.gate.bias")
         n = n.replace("ffn.tid2eid", "ffn.gate.tid2eid").replace(".hc_attn.", ".hc_attn_")
         n = n.replace(".hc_ffn.", ".hc_ffn_").replace("hc_head.", "hc_head_")
         out[{"embed": "embed.weight", "head": "head.weight"}.get(n, n)] = tensor
+    for i, block in enumerate(model.layers):
+        experts = block.ffn.experts
+        for local, e in enumerate(experts.expert_ids):
+            for part in experts.PARTS:
+                out[f"layers.{i}.ffn.experts.{e}.{part}.weight"] = experts.dense_part(part)[local]
     want = set(expected_tensors(model))
     if set(out) != want:
         raise RuntimeError(f"name mapping out of date: extra {sorted(set(out) - want)[:5]}, "
@@ -119,8 +124,9 @@ def init_model(cfg: ModelConfig, seed: int) -> DeepseekV4:
     and the routers' bias (it only shifts which experts are selected)."""
     model = DeepseekV4(cfg, torch.float32)
     params = official_parameters(model)
-    for name, value in random_official_tensors(cfg, seed).items():
-        params[name].data = value.to(params[name].dtype).clone()
+    with torch.no_grad():  # copy_: expert weights are views into their stacks
+        for name, value in random_official_tensors(cfg, seed).items():
+            params[name].copy_(value.to(params[name].dtype))
     for name, p in model.named_parameters():
         p.requires_grad_(".indexer." not in name and not name.endswith("gate_bias"))
     return model
@@ -165,20 +171,22 @@ class StoredView:
     def __enter__(self):
         for name, fmt in self.formats.items():
             p = self.params[name]
-            self.master[name] = p.data
-            p.data = as_stored(p.data, fmt, self.block)
+            self.master[name] = p.detach().clone()
+            with torch.no_grad():
+                p.copy_(as_stored(p.detach(), fmt, self.block))
         return self
 
     def __exit__(self, *exc):
         for name, data in self.master.items():
-            self.params[name].data = data
+            with torch.no_grad():
+                self.params[name].copy_(data)
         self.master = {}
 
     def snap(self) -> None:
         """Make the stored values the weights for good (end of training)."""
         with torch.no_grad():
             for name, fmt in self.formats.items():
-                self.params[name].data = as_stored(self.params[name].data, fmt, self.block)
+                self.params[name].copy_(as_stored(self.params[name].detach(), fmt, self.block))
 
 
 # ---- batches ----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from engine.model.deepseek_v4 import DeepseekV4
 from engine.model.layers import Linear
+from engine.model.moe import StackedExperts
 from engine.model.sharding import Split
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class Target:
 
     setter: Callable[[torch.Tensor], None] | None = None  # plain tensors
     linear: Linear | None = None  # weights (+ .scale when quantised)
+    expert: tuple[StackedExperts, int, str] | None = None  # (stack, local index, w1|w2|w3)
 
 
 def _param_setter(param: torch.Tensor) -> Callable[[torch.Tensor], None]:
@@ -177,36 +179,46 @@ def expected_tensors(model: DeepseekV4) -> dict[str, Target]:
             t[p + "ffn.gate.tid2eid"] = Target(setter=_param_setter(f.tid2eid))
         else:
             t[p + "ffn.gate.bias"] = Target(setter=_param_setter(f.gate_bias))
-        for e, ex in f.experts.items():
-            for w in ("w1", "w2", "w3"):
-                t[f"{p}ffn.experts.{e}.{w}.weight"] = Target(linear=getattr(ex, w))
+        for local, e in enumerate(f.experts.expert_ids):
+            for w in StackedExperts.PARTS:
+                t[f"{p}ffn.experts.{e}.{w}.weight"] = Target(expert=(f.experts, local, w))
         for w in ("w1", "w2", "w3"):
             t[f"{p}ffn.shared_experts.{w}.weight"] = Target(linear=getattr(f.shared, w))
     return t
 
 
 # ---- loading --------------------------------------------------------------------------------
-def _split_merged_experts(reader: CheckpointReader, names: set[str], model: DeepseekV4,
-                          shard: Callable[[str], Split | None]) -> dict[str, torch.Tensor]:
+def _load_merged_experts(reader: CheckpointReader, names: set[str], model: DeepseekV4,
+                         shard: Callable[[str], Split | None]) -> set[str]:
     """transformers' in-memory layout merges experts: gate_up_proj [E, 2I, D], down_proj [E, D, I].
-    Only this rank's experts are read (one expert at a time), then cut to the rank's split."""
-    out = {}
-    for n in list(names):
+    They stay merged: this rank's experts are read as one slice along E, cut to the rank's split
+    of the intermediate, and copied into the stack. Returns the per-expert names they stand for."""
+    done = set()
+    for n in sorted(names):
         m = _MERGED_EXPERTS.match(n)
         if not m:
             continue
         names.discard(n)
+        layer = int(m.group(1).split(".")[1])
+        stack = model.layers[layer].ffn.experts
+        ids = stack.expert_ids
         merged = reader.get_slice(n)
-        for e in range(merged.get_shape()[0]):
-            prefix = f"{m.group(1)}.ffn.experts.{e}."
-            if _foreign_expert(prefix + "w1.weight", model):
-                continue
-            t = merged[e]
-            parts = dict(zip(("w1", "w3"), t.chunk(2, dim=0))) if m.group(2) == "gate_up_proj" else {"w2": t}
-            for w, part in parts.items():
-                name = f"{prefix}{w}.weight"
-                out[name] = _cut(part, shard(name)).contiguous()
-    return out
+        if merged.get_shape()[0] < ids.stop:
+            raise CheckpointError(f"{n}: {merged.get_shape()[0]} experts, the model needs {ids.stop}")
+        block = merged[ids.start:ids.stop]
+        parts = dict(zip(("w1", "w3"), block.chunk(2, dim=1))) if m.group(2) == "gate_up_proj" else {"w2": block}
+        for part, t in parts.items():
+            first = f"{m.group(1)}.ffn.experts.{ids.start}.{part}.weight"
+            split = shard(first)
+            if split is not None:  # the same intermediate split for every expert
+                t = t.narrow(split.dim + 1, split.start, split.stop - split.start)
+            if tuple(t.shape[1:]) != stack.part_shape(part):
+                raise CheckpointError(f"{n}: expert shape {tuple(t.shape[1:])} does not match expected "
+                                      f"{stack.part_shape(part)}")
+            with torch.no_grad():
+                stack.dense_part(part).copy_(t.to(stack.gate_up_dense.dtype))
+            done |= {f"{m.group(1)}.ffn.experts.{e}.{part}.weight" for e in ids}
+    return done
 
 
 def load_weights(model: DeepseekV4, model_dir: str, keep_dense: bool = True,
@@ -228,7 +240,7 @@ def load_weights(model: DeepseekV4, model_dir: str, keep_dense: bool = True,
     present -= set(mtp)
     if mtp:
         log.info("skipping %d multi-token-prediction tensors (mtp.*): not used for serving", len(mtp))
-    merged = _split_merged_experts(reader, present, model, shard)
+    merged = _load_merged_experts(reader, present, model, shard)
     scales = {n for n in present if n.endswith(".scale")}
     present -= scales
     # A rank under expert parallelism legitimately ignores other ranks' experts.
@@ -253,8 +265,8 @@ def load_weights(model: DeepseekV4, model_dir: str, keep_dense: bool = True,
     for name, target in expected.items():
         try:
             if name in merged:
-                tensor, scale = merged[name], None
-            elif target.linear is not None:
+                continue
+            if target.linear is not None or target.expert is not None:
                 scale_name = name[: -len(".weight")] + ".scale"
                 tensor, scale = _read_linear(reader, name, scale_name if scale_name in scales else None,
                                              shard(name), fp8_block)
@@ -262,6 +274,9 @@ def load_weights(model: DeepseekV4, model_dir: str, keep_dense: bool = True,
                 tensor, scale = _read(reader, name, shard(name)), None
             if target.linear is not None:
                 _load_linear(target.linear, tensor, scale, keep_dense, name)
+                n_quant += scale is not None
+            elif target.expert is not None:
+                _load_expert(*target.expert, tensor, scale, keep_dense)
                 n_quant += scale is not None
             else:
                 target.setter(tensor)
@@ -349,6 +364,37 @@ def _foreign_expert(name: str, model: DeepseekV4) -> bool:
     return e < model.cfg.n_routed_experts and not (ffn.expert_start <= e < ffn.expert_end)
 
 
+def _quant_format(w: torch.Tensor) -> tuple[str, tuple[int, int]]:
+    """(format, logical [out, in] shape) of a quantised weight tensor."""
+    if w.dtype == torch.float8_e4m3fn:
+        return "fp8", tuple(w.shape)
+    if w.dtype in (torch.int8, torch.uint8):
+        return "fp4", (w.shape[0], w.shape[1] * 2)
+    raise CheckpointError(f"weight dtype {w.dtype} with a .scale is not a supported quantised format")
+
+
+def _load_expert(stack: StackedExperts, local: int, part: str, w: torch.Tensor, scale: torch.Tensor | None,
+                 keep_dense: bool) -> None:
+    want = stack.part_shape(part)
+    if scale is None:
+        if w.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8):
+            raise CheckpointError(f"quantised weight ({w.dtype}) has no .scale tensor")
+        if tuple(w.shape) != want:
+            raise CheckpointError(f"shape {tuple(w.shape)} does not match expected {want}")
+        stack.set_dense(part, local, w)
+        return
+    fmt, logical = _quant_format(w)
+    if logical != want:
+        raise CheckpointError(f"shape {logical} does not match expected {want}")
+    if keep_dense:
+        from engine.model.quant import fp8_block_dequantize, mxfp4_dequantize
+
+        deq = fp8_block_dequantize if fmt == "fp8" else mxfp4_dequantize
+        stack.set_dense(part, local, deq(w, scale, stack.gate_up_dense.dtype))
+    else:
+        stack.set_quantized(part, local, w, scale, fmt)
+
+
 def _load_linear(lin: Linear, w: torch.Tensor, scale: torch.Tensor | None, keep_dense: bool, name: str) -> None:
     if scale is None:
         if w.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8):
@@ -357,12 +403,7 @@ def _load_linear(lin: Linear, w: torch.Tensor, scale: torch.Tensor | None, keep_
             raise CheckpointError(f"shape {tuple(w.shape)} does not match expected {(lin.out_features, lin.in_features)}")
         lin.dense.data = w.to(lin.dense.dtype)
         return
-    if w.dtype == torch.float8_e4m3fn:
-        fmt, logical = "fp8", tuple(w.shape)
-    elif w.dtype in (torch.int8, torch.uint8):
-        fmt, logical = "fp4", (w.shape[0], w.shape[1] * 2)
-    else:
-        raise CheckpointError(f"weight dtype {w.dtype} with a .scale is not a supported quantised format")
+    fmt, logical = _quant_format(w)
     if logical != (lin.out_features, lin.in_features):
         raise CheckpointError(f"shape {logical} does not match expected {(lin.out_features, lin.in_features)}")
     lin.set_quantized(w, scale, fmt, keep_dense)
