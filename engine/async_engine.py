@@ -15,8 +15,8 @@ import time
 from typing import AsyncIterator, Callable
 
 from engine.engine_config import EngineConfig
-from engine.engine_core import EngineCore, EngineStepStats
-from engine.outputs import RequestOutput
+from engine.engine_core import EngineCore
+from engine.outputs import RequestOutput, StepStats
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -30,12 +30,12 @@ class EngineDead(RuntimeError):
     """The engine loop stopped after a fatal error (HTTP 503)."""
 
 
-StepListener = Callable[[EngineStepStats], None]
+StepListener = Callable[[StepStats], None]
 
 
 class AsyncEngine:
     """``on_step`` (and listeners added with ``add_step_listener``) get each step's
-    ``EngineStepStats`` on the loop thread, before that step's outputs are delivered; they must
+    ``StepStats`` on the loop thread, before that step's outputs are delivered; they must
     be quick and thread-safe. A listener that raises is logged, never fatal."""
 
     def __init__(self, config: EngineConfig, max_queue: int = 1024, core: EngineCore | None = None,
@@ -105,7 +105,7 @@ class AsyncEngine:
         return dict(self._stats, in_flight=len(self._streams))
 
     def add_step_listener(self, listener: StepListener) -> None:
-        """Also call ``listener(EngineStepStats)`` after every step (e.g. a metrics sink)."""
+        """Also call ``listener(StepStats)`` after every step (e.g. a metrics sink)."""
         if not callable(listener):
             raise ValueError(f"listener must be callable, got {type(listener).__name__}")
         self._step_listeners = [*self._step_listeners, listener]  # copy: the loop may be iterating
@@ -177,7 +177,7 @@ class AsyncEngine:
             for out in outputs:
                 self._deliver(out.request_id, out)
 
-    def _publish_step(self, stats: EngineStepStats) -> None:
+    def _publish_step(self, stats: StepStats) -> None:
         for listener in self._step_listeners:
             try:
                 listener(stats)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -19,7 +19,7 @@ from engine.detokenizer import IncrementalDetokenizer, StopChecker
 from engine.engine_config import EngineConfig
 from engine.worker.kv_cache import CacheShape
 from engine.core.kv_cache_manager import KVCacheManager
-from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
+from engine.outputs import RequestMetrics, RequestOutput, StepStats, TokenLogprob
 from engine.core.request import Request
 from engine.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerConfig
@@ -28,27 +28,6 @@ from engine.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 256 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class EngineStepStats:
-    """One step for metrics: counts are this step's deltas, the rest is the state after it.
-
-    Field names match ``server.metrics.StepStats`` (which coerces any dataclass with them), so
-    the engine reports without importing the server."""
-
-    num_running: int
-    num_waiting: int
-    # Like vLLM, usage counts what live requests hold; prefix-cache checkpoints are evictable.
-    kv_cache_usage: float  # CacheUsage.live_fraction
-    pool_usage: dict[str, float]  # pool name -> live units / total
-    num_scheduled_tokens: int = 0
-    num_prompt_tokens: int = 0  # full prompt lengths of requests that got their first token
-    num_generation_tokens: int = 0
-    num_preemptions: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    prefix_cache_misses: dict[str, int] = field(default_factory=dict)  # reason -> tokens
 
 
 @dataclass
@@ -98,7 +77,7 @@ class EngineCore:
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self.layout = layout
         self._counter_totals = self._cumulative_counters()  # baseline for per-step deltas
-        self.last_step_stats: EngineStepStats = self._step_stats(0, 0, 0)
+        self.last_step_stats: StepStats = self._step_stats(0, 0, 0)
 
     def _load_tokenizer(self) -> Tokenizer | None:
         """Checkpoints without tokenizer.json (e.g. written by transformers' save_pretrained)
@@ -221,13 +200,13 @@ class EngineCore:
         return (self.scheduler.num_preemptions, prefix["query_tokens"], prefix["hit_tokens"],
                 dict(prefix["miss_tokens_by_reason"]))
 
-    def _step_stats(self, num_scheduled: int, num_prompt: int, num_generated: int) -> EngineStepStats:
+    def _step_stats(self, num_scheduled: int, num_prompt: int, num_generated: int) -> StepStats:
         """The stats of the step just run: counter growth since the previous step, state now."""
         preemptions, queries, hits, misses = totals = self._cumulative_counters()
         old_preemptions, old_queries, old_hits, old_misses = self._counter_totals
         self._counter_totals = totals
         usage = self.kv_manager.usage()
-        return EngineStepStats(
+        return StepStats(
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=min(1.0, usage.live_fraction),
             pool_usage={name: (pool.live / pool.total if pool.total else 0.0) for name, pool in usage.pools.items()},

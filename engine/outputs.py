@@ -1,4 +1,4 @@
-"""What the engine hands back per request per step (incremental)."""
+"""What the engine hands back: per request per step (incremental outputs), and per step (stats)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -52,3 +52,22 @@ class CompletionOutput:
     finish_reason: str | None
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What the engine knows after one step, for metrics: counts are this step's deltas, the rest
+    is the state after it. The server records it as is (server/metrics.py checks it first)."""
+
+    num_running: int  # requests in the running queue after the step
+    num_waiting: int  # requests waiting to be scheduled (new and preempted) after the step
+    # Like vLLM, usage counts what live requests hold; prefix-cache checkpoints are evictable.
+    kv_cache_usage: float  # fraction [0, 1] of all KV cache memory in use (CacheUsage.live_fraction)
+    pool_usage: dict[str, float] = field(default_factory=dict)  # pool name (CachePool) -> fraction in use
+    num_scheduled_tokens: int = 0  # tokens the forward ran over this step (prefill chunks + decodes)
+    num_prompt_tokens: int = 0  # full prompt lengths (cached included) of requests whose prefill ended this step
+    num_generation_tokens: int = 0  # tokens sampled this step
+    num_preemptions: int = 0  # requests preempted this step
+    prefix_cache_queries: int = 0  # prompt tokens looked up this step (first scheduling of a request only)
+    prefix_cache_hits: int = 0  # of those, tokens served from the prefix cache
+    prefix_cache_misses: dict[str, int] = field(default_factory=dict)  # reason -> tokens not served

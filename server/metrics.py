@@ -1,6 +1,6 @@
 """Prometheus metrics: every `dsv4:*` series, fed from plain Python values.
 
-The engine reports a `StepStats` after each step; the server reports a `RequestTimings` (and the
+The engine reports a `StepStats` (engine/outputs.py) after each step; the server reports a `RequestTimings` (and the
 request's `CostBreakdown`) when a request ends. `Metrics` turns them into series with vLLM's names
 and meanings (prefix `dsv4:` instead of `vllm:`, label `model_name`) plus V4 extras: per-pool KV
 usage, prefix-cache misses by reason, tokens and cost by billing kind, tool-parse errors. Each
@@ -12,15 +12,17 @@ prometheus_client.
 import math
 import re
 import time
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from engine.core.cache_layout import CachePool
+from engine.outputs import StepStats
 from server.pricing import PRICE_KINDS, CostBreakdown
 
 PREFIX = "dsv4:"
-KV_POOLS = ("window", "state", "c4", "c128")
+KV_POOLS = tuple(pool.value for pool in CachePool)
 # Label values created up front so dashboards show zero-valued series before the first event.
 KNOWN_FINISH_REASONS = ("stop", "length", "tool_calls", "abort", "error")
 KNOWN_MISS_REASONS = ("cold", "partial_unit", "evicted", "disabled", "preempted")
@@ -67,59 +69,26 @@ def _check_time(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
 
 
-@dataclass(frozen=True)
-class StepStats:
-    """What the engine knows after one step. Counts are deltas for this step; the rest is state."""
-
-    num_running: int  # requests in the running queue after the step
-    num_waiting: int  # requests waiting to be scheduled (new and preempted) after the step
-    kv_cache_usage: float  # fraction [0, 1] of all KV cache memory in use
-    pool_usage: Mapping[str, float] = field(default_factory=dict)  # pool (KV_POOLS) -> fraction in use
-    num_scheduled_tokens: int = 0  # tokens the forward ran over this step (prefill chunks + decodes)
-    num_prompt_tokens: int = 0  # full prompt lengths (cached included) of requests whose prefill ended this step
-    num_generation_tokens: int = 0  # tokens sampled this step
-    num_preemptions: int = 0  # requests preempted this step
-    prefix_cache_queries: int = 0  # prompt tokens looked up this step (first scheduling of a request only)
-    prefix_cache_hits: int = 0  # of those, tokens served from the prefix cache
-    prefix_cache_misses: Mapping[str, int] = field(default_factory=dict)  # reason -> tokens not served
-
-    def __post_init__(self):
-        for f in fields(self):
-            if f.type is int:
-                _check_count(getattr(self, f.name), f.name)
-        _check_fraction(self.kv_cache_usage, "kv_cache_usage")
-        if not isinstance(self.pool_usage, Mapping) or not isinstance(self.prefix_cache_misses, Mapping):
-            raise ValueError("pool_usage and prefix_cache_misses must be mappings")
-        for pool, usage in self.pool_usage.items():
-            if pool not in KV_POOLS:
-                raise ValueError(f"pool_usage: unknown pool {pool!r}; pools are {KV_POOLS}")
-            _check_fraction(usage, f"pool_usage[{pool!r}]")
-        for reason, tokens in self.prefix_cache_misses.items():
-            _check_label(reason, "prefix_cache_misses reason")
-            _check_count(tokens, f"prefix_cache_misses[{reason!r}]")
-        if self.prefix_cache_hits + sum(self.prefix_cache_misses.values()) > self.prefix_cache_queries:
-            raise ValueError("prefix_cache_hits + sum(prefix_cache_misses) must not exceed prefix_cache_queries")
-
-    @classmethod
-    def coerce(cls, stats: Any) -> "StepStats":
-        """A StepStats from itself, a dict, or any dataclass with these field names (the engine's
-        own stats object), so the engine never has to import the server."""
-        if isinstance(stats, cls):
-            return stats
-        if is_dataclass(stats) and not isinstance(stats, type):
-            stats = {f.name: getattr(stats, f.name) for f in fields(stats)}
-        if not isinstance(stats, Mapping):
-            raise ValueError(f"step stats must be StepStats, a mapping or a dataclass, got {type(stats).__name__}")
-        return cls.from_mapping(stats)
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "StepStats":
-        """Build from a dict; keys this class does not know (engine extras) are ignored."""
-        known = {f.name for f in fields(cls)}
-        missing = [name for name in ("num_running", "num_waiting", "kv_cache_usage") if name not in values]
-        if missing:
-            raise ValueError(f"step stats missing required keys {missing}")
-        return cls(**{key: value for key, value in values.items() if key in known})
+def check_step_stats(stats: StepStats) -> None:
+    """ValueError unless `stats` is a consistent engine step record (checked before recording,
+    so a bad record is logged and dropped, never half-counted)."""
+    if not isinstance(stats, StepStats):
+        raise ValueError(f"step stats must be engine.outputs.StepStats, got {type(stats).__name__}")
+    for f in fields(stats):
+        if f.type in (int, "int"):
+            _check_count(getattr(stats, f.name), f.name)
+    _check_fraction(stats.kv_cache_usage, "kv_cache_usage")
+    if not isinstance(stats.pool_usage, Mapping) or not isinstance(stats.prefix_cache_misses, Mapping):
+        raise ValueError("pool_usage and prefix_cache_misses must be mappings")
+    for pool, usage in stats.pool_usage.items():
+        if pool not in KV_POOLS:
+            raise ValueError(f"pool_usage: unknown pool {pool!r}; pools are {KV_POOLS}")
+        _check_fraction(usage, f"pool_usage[{pool!r}]")
+    for reason, tokens in stats.prefix_cache_misses.items():
+        _check_label(reason, "prefix_cache_misses reason")
+        _check_count(tokens, f"prefix_cache_misses[{reason!r}]")
+    if stats.prefix_cache_hits + sum(stats.prefix_cache_misses.values()) > stats.prefix_cache_queries:
+        raise ValueError("prefix_cache_hits + sum(prefix_cache_misses) must not exceed prefix_cache_queries")
 
 
 @dataclass(frozen=True)
@@ -270,9 +239,9 @@ class Metrics:
 
     # ---- feeding -------------------------------------------------------------------------------
 
-    def observe_step(self, stats: StepStats | Mapping[str, Any]) -> None:
-        """Record one engine step (anything `StepStats.coerce` accepts)."""
-        stats = StepStats.coerce(stats)
+    def observe_step(self, stats: StepStats) -> None:
+        """Record one engine step (ValueError, recording nothing, if the record is inconsistent)."""
+        check_step_stats(stats)
         name = self.model_name
         self.num_requests_running.labels(name).set(stats.num_running)
         self.num_requests_waiting.labels(name).set(stats.num_waiting)
@@ -355,8 +324,8 @@ class StatsLogger:
         self._prompt_tokens = self._generation_tokens = 0
         self._queries = self._hits = 0
 
-    def record(self, stats: StepStats | Mapping[str, Any]) -> None:
-        stats = StepStats.coerce(stats)
+    def record(self, stats: StepStats) -> None:
+        check_step_stats(stats)
         self._latest = stats
         self._prompt_tokens += stats.num_prompt_tokens
         self._generation_tokens += stats.num_generation_tokens

@@ -22,9 +22,10 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from engine.outputs import StepStats
 from server.errors import model_not_found
 from server.json_constraint import JsonVocabIndex, TokenTable
-from server.metrics import Metrics, StatsLogger, StepStats
+from server.metrics import Metrics, StatsLogger
 from server.pricing import CostBreakdown, PriceTable
 from server.protocol import UsageCounts
 
@@ -141,14 +142,13 @@ class ServerContext:
                     self.metrics.observe_finished(timings, cost if i == len(progress) - 1 else None)
         return cost
 
-    def on_engine_step(self, stats) -> None:
+    def on_engine_step(self, stats: StepStats) -> None:
         """The engine's per-step stats (called on the engine thread): the only feed of the
         scheduler gauges and the token, prefix-cache and preemption counters."""
         if self.metrics is None:
             return
         try:
-            stats = StepStats.coerce(stats)  # validated once for both consumers
-            self.metrics.observe_step(stats)
+            self.metrics.observe_step(stats)  # checks the record first
         except ValueError as err:  # an inconsistent record must not stop the engine loop
             logger.warning("engine step stats not recorded: %s", err)
             return

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics import KV_POOLS, Metrics, RequestTimings, StatsLogger, StepStats
+from engine.outputs import StepStats
+from server.metrics import KV_POOLS, Metrics, RequestTimings, StatsLogger, check_step_stats
 from server.pricing import CostBreakdown
 
 MODEL = "deepseek-v4-flash"
@@ -101,31 +102,22 @@ def test_observe_step_sets_gauges_and_moves_counters():
     assert _value(metrics, "iteration_tokens_total_bucket", le="200.0") == 0
 
 
-def test_observe_step_accepts_a_dict_and_ignores_engine_extras():
+def test_observe_step_takes_only_the_engines_step_stats():
     metrics = Metrics(MODEL)
-    metrics.observe_step({"num_running": 4, "num_waiting": 0, "kv_cache_usage": 0.25, "step_time_s": 0.01,
-                          "num_scheduled_tokens": 0})
+    metrics.observe_step(StepStats(num_running=4, num_waiting=0, kv_cache_usage=0.25))
     assert _value(metrics, "num_requests_running") == 4
     assert _value(metrics, "iteration_tokens_total_count") == 0  # idle steps are not observed
-    with pytest.raises(ValueError, match="kv_cache_usage"):
-        metrics.observe_step({"num_running": 4, "num_waiting": 0})
 
-
-def test_observe_step_accepts_another_dataclass_with_the_same_field_names():
     @dataclass
-    class EngineStepStats:  # what engine/ may define without importing server/
+    class LookAlike:  # same field names, not the engine's type: no duck-typed matching
         num_running: int
         num_waiting: int
         kv_cache_usage: float
-        num_generation_tokens: int
-        step_time_s: float
 
-    metrics = Metrics(MODEL)
-    metrics.observe_step(EngineStepStats(5, 1, 0.3, 5, 0.02))
-    assert _value(metrics, "num_requests_running") == 5
-    assert _value(metrics, "generation_tokens_total") == 5
-    with pytest.raises(ValueError, match="mapping or a dataclass"):
-        metrics.observe_step([5, 1, 0.3])
+    for wrong in (LookAlike(5, 1, 0.3), {"num_running": 5, "num_waiting": 1, "kv_cache_usage": 0.3}, [5, 1, 0.3]):
+        with pytest.raises(ValueError, match="engine.outputs.StepStats"):
+            metrics.observe_step(wrong)
+    assert _value(metrics, "num_requests_running") == 4
 
 
 def test_observe_finished_fills_latency_token_and_cost_series():
@@ -181,9 +173,13 @@ def test_tool_parse_errors_by_kind():
     (dict(prefix_cache_hits=200, prefix_cache_misses={"cold": 100}), "must not exceed prefix_cache_queries"),
     (dict(prefix_cache_misses={"Cold Start": 1}), "reason"),
 ])
-def test_bad_step_stats_raise_value_error(overrides, message):
+def test_bad_step_stats_raise_value_error_and_record_nothing(overrides, message):
+    metrics = Metrics(MODEL)
     with pytest.raises(ValueError, match=message):
-        _step(**overrides)
+        check_step_stats(_step(**overrides))
+    with pytest.raises(ValueError, match=message):
+        metrics.observe_step(_step(**overrides))
+    assert _value(metrics, "num_requests_running") == 0
 
 
 @pytest.mark.parametrize("overrides, message", [
