@@ -1,4 +1,8 @@
-"""EngineConfig: every knob of the engine, shared by ``LLM(...)`` and ``dsv4 serve``."""
+"""EngineConfig: every knob of the engine, once, shared by ``LLM(...)`` and ``dsv4 serve``.
+
+Frozen: the engine derives its parts' settings from it at start (SchedulerConfig for the batch
+limits, the KV manager for the cache budget and prefix-cache knobs) and nothing changes it later.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +13,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # checkpoint dir; None = the embedded default model
     dtype: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA

@@ -68,7 +68,6 @@ class EngineCore:
         ), kv_cache_dtype=config.kv_cache_dtype)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                            unit_interval=config.prefix_cache_unit, enable_prefix_cache=config.enable_prefix_cache,
                             max_model_len=self.max_model_len),
             self.kv_manager,
         )

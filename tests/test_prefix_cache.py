@@ -20,8 +20,7 @@ def tiny_scheduler(window=16, state=16, c4=64, c128=8, enable_prefix_cache=True,
                                     rope_dim=2, kv_dtype_bytes=2, c4_block_tokens=16, c128_block_tokens=128)
     manager = KVCacheManager(layout, window, state, c4, c128, enable_prefix_cache=enable_prefix_cache,
                              unit_interval=UNIT, hash_page=PAGE)
-    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget, unit_interval=UNIT,
-                             enable_prefix_cache=enable_prefix_cache)
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget)
     return Scheduler(config, manager)
 
 

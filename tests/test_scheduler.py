@@ -23,8 +23,7 @@ def layout():
 def make_scheduler(budget=64, max_num_seqs=4, prefix=False, window=8, state=8, c4=64, c128=8, **config):
     manager = KVCacheManager(layout(), window, state, c4, c128, enable_prefix_cache=prefix,
                              unit_interval=UNIT, hash_page=8)
-    return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                                     unit_interval=UNIT, enable_prefix_cache=prefix, **config), manager)
+    return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, **config), manager)
 
 
 def make_request(request_id, num_prompt=20, max_tokens=4, min_tokens=0, ignore_eos=False,
@@ -377,8 +376,8 @@ def test_update_requires_a_token_for_every_sampling_chunk():
 def test_bad_configuration_and_requests_are_value_errors():
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         SchedulerConfig(max_num_batched_tokens=0)
-    with pytest.raises(ValueError, match="unit_interval"):
-        Scheduler(SchedulerConfig(unit_interval=64, enable_prefix_cache=False), make_scheduler().kv)
+    with pytest.raises(ValueError, match="unit_interval"):  # the KV manager owns the prefix-cache knobs
+        KVCacheManager(layout(), 8, 8, 64, 8, unit_interval=UNIT + 1, hash_page=8)
     scheduler = make_scheduler()
     scheduler.add_request(make_request("a"))
     with pytest.raises(ValueError, match="already queued"):

@@ -33,14 +33,15 @@ from engine.core.request import FinishReason, Request, RequestStatus
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """The batch limits. The prefix-cache knobs (on/off, unit interval) belong to the KV manager
+    alone; the scheduler reads them from there."""
+
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    unit_interval: int = 2048
-    enable_prefix_cache: bool = True
     max_model_len: int | None = None  # finish with "length" when a sequence reaches it
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "unit_interval"):
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -104,13 +105,6 @@ class Scheduler:
         kv_manager: KVCacheManager,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if config.unit_interval != kv_manager.unit_interval:
-            raise ValueError(
-                f"config.unit_interval={config.unit_interval} differs from the KV manager's "
-                f"{kv_manager.unit_interval}"
-            )
-        if config.enable_prefix_cache != kv_manager.enable_prefix_cache:
-            raise ValueError("config.enable_prefix_cache differs from the KV manager's setting")
         self.config = config
         self.kv = kv_manager
         self._clock = clock
@@ -343,8 +337,8 @@ class Scheduler:
     def _chunk_len(self, request: Request, budget: int) -> int:
         start = request.num_computed_tokens
         num_tokens = min(request.num_tokens - start, budget)
-        if self.config.enable_prefix_cache:
-            unit = self.config.unit_interval
+        if self.kv.enable_prefix_cache:
+            unit = self.kv.unit_interval
             boundary = (start // unit + 1) * unit
             prompt_unit = self._prompt_unit(request)
             if prompt_unit > start:
@@ -353,9 +347,9 @@ class Scheduler:
         return num_tokens
 
     def _is_unit_end(self, request: Request, end: int) -> bool:
-        if not self.config.enable_prefix_cache:
+        if not self.kv.enable_prefix_cache:
             return False
-        return end % self.config.unit_interval == 0 or end == self._prompt_unit(request)
+        return end % self.kv.unit_interval == 0 or end == self._prompt_unit(request)
 
     @staticmethod
     def _prompt_unit(request: Request) -> int:
