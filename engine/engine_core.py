@@ -253,7 +253,7 @@ class EngineCore:
 
 
 def _is_lost_rank(e: Exception) -> bool:
-    from engine.distributed.parallel import ParallelWorkerError  # only reachable with tensor parallelism
+    from engine.distributed.failures import ParallelWorkerError  # only reachable with tensor parallelism
 
     return isinstance(e, ParallelWorkerError)
 

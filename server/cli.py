@@ -123,7 +123,7 @@ def build_configs(args: argparse.Namespace):
 
 
 def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from engine.distributed.parallel import run_worker_from_env
+    from engine.distributed.worker import run_worker_from_env
 
     if run_worker_from_env():  # a non-zero torchrun rank: serve the driver's steps, no HTTP
         return 0

@@ -1,4 +1,4 @@
-"""Tensor / expert parallel (engine/parallel.py): world size 2 on gloo against one process.
+"""Tensor / expert parallel (engine/distributed/): world size 2 on gloo against one process.
 
 Each world-size-2 test spawns one worker process (rank 1); this process is the driver (rank 0).
 Only one group can live in a process at a time, so every test builds and shuts down its own.
@@ -18,7 +18,10 @@ from engine.model.loader import CheckpointError, CheckpointReader, load_weights
 from engine.model.deepseek_v4 import DeepseekV4, Parallel
 from engine.model.sharding import Split
 from engine.worker.model_runner import ModelRunner
-from engine.distributed.parallel import BlockRefs, ChunkSpec, ParallelModelRunner, ParallelWorkerError, weight_bytes
+from engine.distributed.failures import ParallelWorkerError
+from engine.distributed.memory import weight_bytes
+from engine.distributed.messages import BlockRefs, ChunkSpec
+from engine.distributed.parallel import ParallelModelRunner
 
 SHAPE = CacheShape(num_window_slots=3, num_state_slots=3, num_c4_blocks=6, num_c128_blocks=3)
 # Scattered blocks on purpose. "c" continues from a snapshot of "a" taken after a's prompt.
@@ -243,7 +246,7 @@ def test_http_server_with_tensor_parallel(tiny_dir):
 
 
 def test_torchrun_style_env_launch(tiny_dir, cfg, reference, monkeypatch):
-    """Multi-node path: rank 1 is a separate `python -m engine.distributed.parallel` (as on another node,
+    """Multi-node path: rank 1 is a separate `python -m engine.distributed.worker` (as on another node,
     ranked by NODE_RANK); rank 0 finds the group through the same environment variables."""
     import socket
     import subprocess
@@ -255,7 +258,7 @@ def test_torchrun_style_env_launch(tiny_dir, cfg, reference, monkeypatch):
     env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     worker_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK")}
-    worker = subprocess.Popen([sys.executable, "-m", "engine.distributed.parallel"], cwd=repo,
+    worker = subprocess.Popen([sys.executable, "-m", "engine.distributed.worker"], cwd=repo,
                               env={**worker_env, **env, "NODE_RANK": "1", "OMP_NUM_THREADS": "1"})
     try:
         for k, v in {**env, "RANK": "0"}.items():
