@@ -14,6 +14,7 @@ import threading
 import time
 from typing import AsyncIterator, Callable
 
+from engine.core.request import CacheHints
 from engine.engine_config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.outputs import RequestOutput, StepStats
@@ -112,7 +113,7 @@ class AsyncEngine:
 
     # ---- requests ------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       cache_salt: str = "") -> AsyncIterator[RequestOutput]:
+                       cache_salt: str = "", cache_hints: CacheHints | None = None) -> AsyncIterator[RequestOutput]:
         if self.fatal_error is not None:
             raise EngineDead(self.fatal_error)
         if self._stopping:
@@ -128,7 +129,7 @@ class AsyncEngine:
                 raise EngineOverloaded(f"too many queued requests ({waiting}); retry later")
             q: asyncio.Queue = asyncio.Queue()
             self._streams[request_id] = (asyncio.get_running_loop(), q)
-        self._inbox.put(("add", request_id, list(prompt_ids), params, cache_salt, time.monotonic()))
+        self._inbox.put(("add", request_id, list(prompt_ids), params, cache_salt, cache_hints, time.monotonic()))
         self._wake.set()
         finished = False
         try:
@@ -193,11 +194,11 @@ class AsyncEngine:
             if cmd[0] == "stop":
                 return False
             if cmd[0] == "add":
-                _, rid, ids, params, salt, arrival = cmd
+                _, rid, ids, params, salt, hints, arrival = cmd
                 if rid not in self._streams:  # cancelled before it reached the loop
                     continue
                 try:
-                    self.core.add_request(rid, ids, params, cache_salt=salt, arrival_time=arrival)
+                    self.core.add_request(rid, ids, params, cache_salt=salt, arrival_time=arrival, cache_hints=hints)
                 except ValueError as e:
                     self._deliver(rid, e)
             elif cmd[0] == "abort":

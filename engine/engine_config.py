@@ -25,6 +25,9 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto | fp8
     enable_prefix_cache: bool = True
     prefix_cache_unit: int = 2048  # checkpoint interval in tokens (multiple of 64)
+    # Share of the KV budget for checkpoint snapshots (window + state slot + tail blocks each);
+    # the default is measured with bench/prefix_replay.py (bench/RESULTS.md).
+    prefix_cache_snapshot_share: float = 0.25
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
@@ -42,6 +45,9 @@ class EngineConfig:
             positive("kv_cache_memory")
         if self.prefix_cache_unit % 64:
             raise ValueError(f"prefix_cache_unit must be a multiple of 64, got {self.prefix_cache_unit}")
+        share = self.prefix_cache_snapshot_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+            raise ValueError(f"prefix_cache_snapshot_share must be in [0, 1), got {share!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype not in ("auto", "fp8"):

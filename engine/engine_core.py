@@ -20,7 +20,7 @@ from engine.engine_config import EngineConfig
 from engine.worker.kv_cache import CacheShape
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.outputs import RequestMetrics, RequestOutput, StepStats, TokenLogprob
-from engine.core.request import Request
+from engine.core.request import CacheHints, Request
 from engine.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.tokenizer import Tokenizer
@@ -56,7 +56,7 @@ class EngineCore:
         self.runner = self._make_runner(layout)
         self.kv_manager = KVCacheManager.from_budget(
             layout, self._kv_budget(), config.max_num_seqs, enable_prefix_cache=config.enable_prefix_cache,
-            unit_interval=config.prefix_cache_unit,
+            unit_interval=config.prefix_cache_unit, snapshot_fraction=config.prefix_cache_snapshot_share,
         )
         pools = self.kv_manager.pools
         self.runner.allocate_cache(CacheShape(
@@ -110,7 +110,8 @@ class EngineCore:
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    cache_salt: str = "", arrival_time: float | None = None) -> None:
+                    cache_salt: str = "", arrival_time: float | None = None,
+                    cache_hints: CacheHints | None = None) -> None:
         if not prompt_ids:
             raise ValueError("prompt must contain at least one token")
         if len(prompt_ids) >= self.max_model_len:
@@ -122,7 +123,8 @@ class EngineCore:
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         req = Request(request_id, list(prompt_ids), params, self.model_config.eos_token_id,
-                      time.monotonic() if arrival_time is None else arrival_time, cache_salt=cache_salt)
+                      time.monotonic() if arrival_time is None else arrival_time, cache_salt=cache_salt,
+                      cache_hints=cache_hints or CacheHints())
         self._text[request_id] = _TextState(
             IncrementalDetokenizer(self.tokenizer, prompt_ids[-8:]) if self.tokenizer else None,
             StopChecker(params.stop, params.include_stop_str_in_output) if params.stop else None,
@@ -193,27 +195,37 @@ class EngineCore:
                                                 num_generation_tokens)
         return outputs
 
-    def _cumulative_counters(self) -> tuple[int, int, int, dict[str, int]]:
-        """(preemptions, prefix-cache query tokens, hit tokens, miss tokens by reason) so far."""
-        prefix = self.kv_manager.prefix_cache.stats()
-        return (self.scheduler.num_preemptions, prefix["query_tokens"], prefix["hit_tokens"],
-                dict(prefix["miss_tokens_by_reason"]))
+    def _cumulative_counters(self) -> dict[str, dict]:
+        """Every counter the step stats report as deltas, by stats field, totals so far."""
+        prefix = self.kv_manager.prefix_cache.counters()
+        return {
+            "num_preemptions": {None: self.scheduler.num_preemptions},
+            "prefix_cache_queries": {None: prefix["query_tokens"]},
+            "prefix_cache_hits": {None: prefix["hit_tokens"]},
+            "prefix_cache_misses": prefix["miss_tokens_by_reason"],
+            "prefix_cache_hits_by_tier": prefix["hit_tokens_by_tier"],
+            "prefix_cache_evictions": prefix["evictions"],
+            "prefix_cache_load_failures": self.kv_manager.tier_load_failures(),
+        }
 
     def _step_stats(self, num_scheduled: int, num_prompt: int, num_generated: int) -> StepStats:
         """The stats of the step just run: counter growth since the previous step, state now."""
-        preemptions, queries, hits, misses = totals = self._cumulative_counters()
-        old_preemptions, old_queries, old_hits, old_misses = self._counter_totals
-        self._counter_totals = totals
+        totals = self._cumulative_counters()
+        old, self._counter_totals = self._counter_totals, totals
+        deltas = {}
+        for name, counts in totals.items():
+            moved = {key: n - old[name].get(key, 0) for key, n in counts.items() if n != old[name].get(key, 0)}
+            deltas[name] = moved.get(None, 0) if None in counts else moved
         usage = self.kv_manager.usage()
+        prefix = self.kv_manager.prefix_cache.counters()
         return StepStats(
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=min(1.0, usage.live_fraction),
             pool_usage={name: (pool.live / pool.total if pool.total else 0.0) for name, pool in usage.pools.items()},
             num_scheduled_tokens=num_scheduled, num_prompt_tokens=num_prompt, num_generation_tokens=num_generated,
-            num_preemptions=preemptions - old_preemptions, prefix_cache_queries=queries - old_queries,
-            prefix_cache_hits=hits - old_hits,
-            prefix_cache_misses={reason: n - old_misses.get(reason, 0) for reason, n in misses.items()
-                                 if n != old_misses.get(reason, 0)},
+            prefix_cache_checkpoints=prefix["checkpoints_by_tier"],
+            prefix_cache_checkpoint_bytes={**usage.checkpoint_bytes, **prefix["offloaded_bytes"]},
+            **deltas,
         )
 
     def _fail_step(self, sched_out, message: str) -> list[RequestOutput]:

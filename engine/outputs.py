@@ -71,3 +71,9 @@ class StepStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up this step (first scheduling of a request only)
     prefix_cache_hits: int = 0  # of those, tokens served from the prefix cache
     prefix_cache_misses: dict[str, int] = field(default_factory=dict)  # reason -> tokens not served
+    prefix_cache_hits_by_tier: dict[str, int] = field(default_factory=dict)  # device|host|disk -> hit tokens
+    prefix_cache_evictions: dict[tuple[str, str], int] = field(default_factory=dict)  # (pool short, kind) -> n
+    prefix_cache_load_failures: dict[str, int] = field(default_factory=dict)  # torn|corrupt|foreign|missing -> n
+    # State after the step: checkpoints per tier; bytes held by checkpoints only, per pool and tier.
+    prefix_cache_checkpoints: dict[str, int] = field(default_factory=dict)
+    prefix_cache_checkpoint_bytes: dict[str, int] = field(default_factory=dict)

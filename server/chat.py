@@ -34,6 +34,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from engine.sampling_params import SamplingParams
+from server.cache_hints import chat_cache_hints
 from server.chat_template import THINK_END, encode_messages, ends_inside_reasoning
 from server.errors import invalid_request
 from server.json_constraint import JsonObjectProcessor
@@ -157,10 +158,13 @@ def plan_chat(ctx: ServerContext, req: ChatCompletionRequest, is_beta: bool) -> 
             raise invalid_request(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}",
                                   "top_logprobs")
 
-    prompt = encode_messages(req.messages, thinking=thinking, reasoning_effort=effort, tools=tools,
-                             response_format=req.response_format if json_mode else None)
+    render_options = dict(thinking=thinking, reasoning_effort=effort, tools=tools,
+                          response_format=req.response_format if json_mode else None)
+    prompt = encode_messages(req.messages, **render_options)
     prompt_ids = ctx.engine.tokenizer.encode(prompt)
     starts_in_reasoning = ends_inside_reasoning(prompt)
+    hints = chat_cache_hints(req.messages, prompt_ids, ctx.engine.tokenizer, starts_in_reasoning=starts_in_reasoning,
+                             **render_options)
 
     if req.max_tokens is not None:
         requested, param = req.max_tokens, "max_tokens"
@@ -185,7 +189,7 @@ def plan_chat(ctx: ServerContext, req: ChatCompletionRequest, is_beta: bool) -> 
         except ValueError as err:
             raise invalid_request(str(err)) from None
     return ChatPlan(model=req.model, thinking=thinking, tools=tools, prompt_ids=prompt_ids,
-                    starts_in_reasoning=starts_in_reasoning, params=params, cache_salt=salt,
+                    starts_in_reasoning=starts_in_reasoning, params=params, cache_salt=salt, cache_hints=hints,
                     stream=req.stream, include_usage=include_usage, logprobs=bool(req.logprobs),
                     top_logprobs=req.top_logprobs or 0)
 

@@ -48,6 +48,9 @@ def _add_serve(subparsers) -> None:
     engine.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching")
     engine.add_argument("--prefix-cache-unit", type=int, default=2048,
                         help="checkpoint interval in tokens inside long prompts (multiple of 64)")
+    engine.add_argument("--prefix-cache-snapshot-share", type=float, default=0.25,
+                        help="share of the KV cache memory for prefix-cache snapshot slots (window + state + "
+                             "tail blocks per checkpoint), in [0, 1); the rest holds compressed blocks")
     engine.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     engine.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     engine.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -109,7 +112,8 @@ def build_configs(args: argparse.Namespace):
         model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
         kv_cache_dtype=args.kv_cache_dtype, enable_prefix_cache=not args.no_prefix_cache,
-        prefix_cache_unit=args.prefix_cache_unit, max_model_len=args.max_model_len,
+        prefix_cache_unit=args.prefix_cache_unit, prefix_cache_snapshot_share=args.prefix_cache_snapshot_share,
+        max_model_len=args.max_model_len,
         tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
         seed=args.seed)
     served_name = args.served_model_name or DEFAULT_SERVED_MODEL_NAME

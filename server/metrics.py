@@ -25,7 +25,13 @@ PREFIX = "dsv4:"
 KV_POOLS = tuple(pool.value for pool in CachePool)
 # Label values created up front so dashboards show zero-valued series before the first event.
 KNOWN_FINISH_REASONS = ("stop", "length", "tool_calls", "abort", "error")
-KNOWN_MISS_REASONS = ("cold", "partial_unit", "evicted", "disabled", "preempted")
+KNOWN_MISS_REASONS = ("cold", "partial_unit", "evicted", "disabled")
+# Prefix-cache checkpoints: where they live, why they left the device (the pool that ran short,
+# or a reset), their eviction class, why a lower-tier copy could not be loaded.
+CHECKPOINT_TIERS = ("device", "host", "disk")
+EVICTION_REASONS = (*KV_POOLS, "reset")
+UNIT_KINDS = ("superseded", "leaf", "shared")
+LOAD_FAILURES = ("torn", "corrupt", "foreign", "missing")
 
 _LABEL_VALUE = re.compile(r"^[a-z][a-z0-9_]*$")  # keeps label cardinality and spelling in check
 
@@ -78,15 +84,28 @@ def check_step_stats(stats: StepStats) -> None:
         if f.type in (int, "int"):
             _check_count(getattr(stats, f.name), f.name)
     _check_fraction(stats.kv_cache_usage, "kv_cache_usage")
-    if not isinstance(stats.pool_usage, Mapping) or not isinstance(stats.prefix_cache_misses, Mapping):
-        raise ValueError("pool_usage and prefix_cache_misses must be mappings")
+    if not isinstance(stats.pool_usage, Mapping):
+        raise ValueError("pool_usage must be a mapping")
     for pool, usage in stats.pool_usage.items():
         if pool not in KV_POOLS:
             raise ValueError(f"pool_usage: unknown pool {pool!r}; pools are {KV_POOLS}")
         _check_fraction(usage, f"pool_usage[{pool!r}]")
-    for reason, tokens in stats.prefix_cache_misses.items():
-        _check_label(reason, "prefix_cache_misses reason")
-        _check_count(tokens, f"prefix_cache_misses[{reason!r}]")
+    for name in ("prefix_cache_misses", "prefix_cache_hits_by_tier", "prefix_cache_load_failures",
+                 "prefix_cache_checkpoints", "prefix_cache_checkpoint_bytes"):
+        counts = getattr(stats, name)
+        if not isinstance(counts, Mapping):
+            raise ValueError(f"{name} must be a mapping")
+        for label, n in counts.items():
+            _check_label(label, f"{name} label (reason, tier or pool)")
+            _check_count(n, f"{name}[{label!r}]")
+    if not isinstance(stats.prefix_cache_evictions, Mapping):
+        raise ValueError("prefix_cache_evictions must be a mapping")
+    for labels, n in stats.prefix_cache_evictions.items():
+        if not (isinstance(labels, tuple) and len(labels) == 2):
+            raise ValueError(f"prefix_cache_evictions keys must be (reason, kind), got {labels!r}")
+        for label in labels:
+            _check_label(label, "prefix_cache_evictions key")
+        _check_count(n, f"prefix_cache_evictions[{labels!r}]")
     if stats.prefix_cache_hits + sum(stats.prefix_cache_misses.values()) > stats.prefix_cache_queries:
         raise ValueError("prefix_cache_hits + sum(prefix_cache_misses) must not exceed prefix_cache_queries")
 
@@ -197,12 +216,36 @@ class Metrics:
         self.prefix_cache_hits = self._metric(Counter, "prefix_cache_hits", "Prompt tokens served from cache.")
         self.prefix_cache_misses = self._metric(
             Counter, "prefix_cache_misses", "Prompt tokens not served from cache, by reason.", ("reason",))
+        self.prefix_cache_tier_hits = self._metric(
+            Counter, "prefix_cache_tier_hits", "Prompt tokens served from cache, by the tier the checkpoint "
+            "was in (device, host memory, disk).", ("tier",))
+        self.prefix_cache_evictions = self._metric(
+            Counter, "prefix_cache_evictions", "Checkpoints evicted from device memory, by the pool that ran "
+            "short (or reset) and the checkpoint's class.", ("reason", "kind"))
+        self.prefix_cache_load_failures = self._metric(
+            Counter, "prefix_cache_load_failures", "Lower-tier checkpoints that could not be loaded (counted "
+            "as misses), by reason.", ("reason",))
+        self.prefix_cache_checkpoints = self._metric(
+            Gauge, "prefix_cache_checkpoints", "Prefix-cache checkpoints, by tier.", ("tier",))
+        self.prefix_cache_checkpoint_bytes = self._metric(
+            Gauge, "prefix_cache_checkpoint_bytes", "Bytes held by prefix-cache checkpoints only, per device "
+            "pool and lower tier.", ("pool",))
         self.request_success = self._metric(
             Counter, "request_success", "Ended requests, by finish reason.", ("finished_reason",))
         self.tool_parse_errors = self._metric(
             Counter, "tool_parse_errors", "Tool-call blocks the parser could not decode.", ("kind",))
         for reason in KNOWN_MISS_REASONS:
             self.prefix_cache_misses.labels(self.model_name, reason)
+        for tier in CHECKPOINT_TIERS:
+            self.prefix_cache_tier_hits.labels(self.model_name, tier)
+            self.prefix_cache_checkpoints.labels(self.model_name, tier)
+        for pool in (*KV_POOLS, *CHECKPOINT_TIERS[1:]):
+            self.prefix_cache_checkpoint_bytes.labels(self.model_name, pool)
+        for reason in EVICTION_REASONS:
+            for kind in UNIT_KINDS:
+                self.prefix_cache_evictions.labels(self.model_name, reason, kind)
+        for reason in LOAD_FAILURES:
+            self.prefix_cache_load_failures.labels(self.model_name, reason)
         for reason in KNOWN_FINISH_REASONS:
             self.request_success.labels(self.model_name, reason)
 
@@ -255,6 +298,16 @@ class Metrics:
         self.prefix_cache_hits.labels(name).inc(stats.prefix_cache_hits)
         for reason, tokens in stats.prefix_cache_misses.items():
             self.prefix_cache_misses.labels(name, reason).inc(tokens)
+        for tier, tokens in stats.prefix_cache_hits_by_tier.items():
+            self.prefix_cache_tier_hits.labels(name, tier).inc(tokens)
+        for (reason, kind), count in stats.prefix_cache_evictions.items():
+            self.prefix_cache_evictions.labels(name, reason, kind).inc(count)
+        for reason, count in stats.prefix_cache_load_failures.items():
+            self.prefix_cache_load_failures.labels(name, reason).inc(count)
+        for tier, count in stats.prefix_cache_checkpoints.items():
+            self.prefix_cache_checkpoints.labels(name, tier).set(count)
+        for pool, nbytes in stats.prefix_cache_checkpoint_bytes.items():
+            self.prefix_cache_checkpoint_bytes.labels(name, pool).set(nbytes)
         if stats.num_scheduled_tokens > 0:  # idle steps would drown the histogram in zeros
             self.iteration_tokens.labels(name).observe(stats.num_scheduled_tokens)
 

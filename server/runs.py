@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import Response
 
+from engine.core.request import CacheHints
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from server.protocol import UsageCounts
@@ -47,6 +48,7 @@ class RunPlan:
     prompt_ids: list[int]
     params: list[SamplingParams]  # one per choice
     cache_salt: str
+    cache_hints: CacheHints | None = None  # what the prefix cache should know about reuse
     stream: bool
     include_usage: bool
 
@@ -95,7 +97,7 @@ class Run(ABC):
         self.created = int(time.time())
         self.choices = choices
         self.job = EngineJob(ctx.engine, [f"{self.id}-{i}" for i in range(len(plan.params))],
-                             plan.prompt_ids, plan.params, plan.cache_salt)
+                             plan.prompt_ids, plan.params, plan.cache_salt, plan.cache_hints)
         self._usage: dict | None = None
         self._accounted = False
 

@@ -74,12 +74,12 @@ class EngineJob:
     """The engine requests (one per choice) behind one API request."""
 
     def __init__(self, engine, request_ids: list[str], prompt_ids: list[int], params_list: list,
-                 cache_salt: str = ""):
+                 cache_salt: str = "", cache_hints=None):
         self._engine = engine
         self.request_ids = request_ids
         self.progress = [ChoiceProgress() for _ in request_ids]
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._tasks = [asyncio.create_task(self._pump(i, rid, prompt_ids, params, cache_salt))
+        self._tasks = [asyncio.create_task(self._pump(i, rid, prompt_ids, params, cache_salt, cache_hints))
                        for i, (rid, params) in enumerate(zip(request_ids, params_list))]
         self._closed = False
 
@@ -87,9 +87,10 @@ class EngineJob:
     def is_done(self) -> bool:
         return all(p.finished for p in self.progress)
 
-    async def _pump(self, index: int, request_id: str, prompt_ids, params, cache_salt) -> None:
+    async def _pump(self, index: int, request_id: str, prompt_ids, params, cache_salt, cache_hints) -> None:
         try:
-            async for out in self._engine.generate(request_id, prompt_ids, params, cache_salt=cache_salt):
+            async for out in self._engine.generate(request_id, prompt_ids, params, cache_salt=cache_salt,
+                                                   cache_hints=cache_hints):
                 self._queue.put_nowait((index, out))
         except asyncio.CancelledError:
             raise

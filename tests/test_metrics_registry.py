@@ -22,7 +22,9 @@ EXPECTED = {
     "e2e_request_latency_seconds": "histogram", "request_queue_time_seconds": "histogram",
     "request_prefill_time_seconds": "histogram", "request_decode_time_seconds": "histogram",
     "request_prompt_tokens": "histogram", "request_generation_tokens": "histogram",
-    "iteration_tokens_total": "histogram",
+    "iteration_tokens_total": "histogram", "prefix_cache_tier_hits": "counter",
+    "prefix_cache_evictions": "counter", "prefix_cache_load_failures": "counter",
+    "prefix_cache_checkpoints": "gauge", "prefix_cache_checkpoint_bytes": "gauge",
 }
 
 
@@ -100,6 +102,31 @@ def test_observe_step_sets_gauges_and_moves_counters():
     assert _value(metrics, "iteration_tokens_total_sum") == 600
     assert _value(metrics, "iteration_tokens_total_bucket", le="500.0") == 2
     assert _value(metrics, "iteration_tokens_total_bucket", le="200.0") == 0
+
+
+def test_prefix_cache_checkpoint_series():
+    metrics = Metrics(MODEL)
+    # Zero-valued series exist before the first event; no label value is exported that the
+    # engine never produces (the old `preempted` miss reason is gone).
+    assert _value(metrics, "prefix_cache_evictions_total", reason="window", kind="superseded") == 0
+    assert _value(metrics, "prefix_cache_load_failures_total", reason="corrupt") == 0
+    assert ("dsv4:prefix_cache_misses_total", frozenset({("reason", "preempted")})) not in _samples(metrics)
+    for _ in range(2):
+        metrics.observe_step(_step(prefix_cache_hits_by_tier={"device": 100, "disk": 28},
+                                   prefix_cache_evictions={("window", "superseded"): 3, ("c4", "leaf"): 1},
+                                   prefix_cache_load_failures={"torn": 1},
+                                   prefix_cache_checkpoints={"device": 7, "host": 2, "disk": 5},
+                                   prefix_cache_checkpoint_bytes={"window": 4096, "c4": 512, "disk": 9000}))
+    assert _value(metrics, "prefix_cache_tier_hits_total", tier="device") == 200
+    assert _value(metrics, "prefix_cache_tier_hits_total", tier="disk") == 56
+    assert _value(metrics, "prefix_cache_evictions_total", reason="window", kind="superseded") == 6
+    assert _value(metrics, "prefix_cache_evictions_total", reason="c4", kind="leaf") == 2
+    assert _value(metrics, "prefix_cache_load_failures_total", reason="torn") == 2
+    assert _value(metrics, "prefix_cache_checkpoints", tier="host") == 2  # gauges: the latest state
+    assert _value(metrics, "prefix_cache_checkpoint_bytes", pool="window") == 4096
+    assert _value(metrics, "prefix_cache_checkpoint_bytes", pool="disk") == 9000
+    with pytest.raises(ValueError, match="reason, kind"):
+        check_step_stats(_step(prefix_cache_evictions={"window": 1}))
 
 
 def test_observe_step_takes_only_the_engines_step_stats():

@@ -7,7 +7,7 @@ import pytest
 from engine.core.cache_layout import CacheLayout, CachePool
 from engine.core.kv_cache_manager import CacheCopy, KVCacheManager
 from engine.core.prefix_cache import Checkpoint, HashChain, MissReason, PrefixCache
-from engine.core.request import Request
+from engine.core.request import CacheHints, Request
 from engine.core.scheduler import Scheduler, SchedulerConfig
 
 PAGE = 8
@@ -24,9 +24,10 @@ def tiny_scheduler(window=16, state=16, c4=64, c128=8, enable_prefix_cache=True,
     return Scheduler(config, manager)
 
 
-def make_request(request_id, tokens, max_tokens=3, salt=""):
+def make_request(request_id, tokens, max_tokens=3, salt="", hints=None):
     params = SimpleNamespace(max_tokens=max_tokens, min_tokens=0, ignore_eos=True, stop_token_ids=[])
-    return Request(request_id, list(tokens), params, eos_token_id=None, arrival_time=0.0, cache_salt=salt)
+    return Request(request_id, list(tokens), params, eos_token_id=None, arrival_time=0.0, cache_salt=salt,
+                   cache_hints=hints or CacheHints())
 
 
 def step(scheduler, token=5):
@@ -270,9 +271,11 @@ def test_prefix_counters_count_tokens():
     stats = scheduler.stats()["prefix_cache"]
     assert stats["query_tokens"] == 50 + 57 + 47
     assert stats["hit_tokens"] == 49  # the second resumed from the first's prompt unit
-    # The hit's 8 new tokens (B's last and C) are cold; every queried token is a hit or a miss
-    # with a reason.
-    assert stats["miss_tokens_by_reason"] == {"disabled": 0, "cold": 50 + 8, "partial_unit": 47, "evicted": 0}
+    # Reasons per token: the hit's 8 new tokens (B's last and C) are cold; the third shares
+    # A's 40 tokens with cached prefixes (partial_unit), its 7 tokens of C are cold. Every
+    # queried token is a hit or a miss with a reason.
+    assert stats["miss_tokens_by_reason"] == {"disabled": 0, "cold": 50 + 8 + 7, "partial_unit": 40,
+                                              "evicted": 0}
     assert stats["miss_tokens"] == 50 + 8 + 47
 
 
@@ -285,48 +288,81 @@ def test_disabled_cache_reports_disabled_and_keeps_nothing():
     assert all(pool.num_used == 0 for pool in scheduler.kv.pools.values())
 
 
-def test_lru_eviction_under_pressure_and_evicted_miss_reason():
+def test_eviction_takes_superseded_units_first_then_lru_and_reports_evicted_per_token():
     # 5 window slots: one live request + four checkpoints. With max_tokens=1 every 20-token
-    # prompt leaves two units: its prompt unit (19) and its end-of-output unit (20).
+    # prompt leaves two units: its prompt unit (19), superseded by its end-of-output unit (20).
     scheduler = tiny_scheduler(window=5, state=5)
     prompts = {base: list(range(base, base + 20)) for base in (100, 200, 300, 400)}
 
     def units():
-        """(prompt base, length) of every checkpoint, least recently used first."""
-        return [(c.key.tail[0] - 16, c.num_tokens) for c in scheduler.kv.prefix_cache.checkpoints()]
+        """(prompt base, length, kind) of every checkpoint, least recently used first."""
+        return [(c.key.tail[0] - 16, c.num_tokens, c.kind.value) for c in scheduler.kv.prefix_cache.checkpoints()]
 
     for base in (100, 200):
         serve(scheduler, make_request(f"r{base}", prompts[base], max_tokens=1))
-    assert units() == [(100, 19), (100, 20), (200, 19), (200, 20)]
+    assert units() == [(100, 19, "superseded"), (100, 20, "leaf"), (200, 19, "superseded"), (200, 20, "leaf")]
     # Re-sending prompt 100 hits its prompt unit and moves it to the back; its end-of-output
     # unit already exists, so the re-send adds nothing.
     again = make_request("r100-again", prompts[100], max_tokens=1)
     serve(scheduler, again)
     assert again.num_cached_tokens == 19
-    assert units() == [(100, 20), (200, 19), (200, 20), (100, 19)]
+    assert [u[:2] for u in units()] == [(100, 20), (200, 19), (200, 20), (100, 19)]
     assert scheduler.kv.prefix_cache.num_evictions == 0
-    # r300 takes the free slot; its prompt-unit snapshot evicts the least recently used unit,
-    # (100, 20) — not (100, 19), which was inserted earlier but used since.
+    # r300 takes the free slot; its prompt-unit snapshot evicts the least recently used
+    # *superseded* unit, (200, 19) — not the older leaf (100, 20).
     serve(scheduler, make_request("r300", prompts[300], max_tokens=1))
-    assert units() == [(200, 19), (200, 20), (100, 19), (300, 19), (300, 20)]
-    assert scheduler.kv.prefix_cache.num_evictions == 1
-    # r400 needs two slots: both units of prompt 200 go.
+    assert [u[:2] for u in units()] == [(100, 20), (200, 20), (100, 19), (300, 19), (300, 20)]
+    # r400 needs two slots: the two remaining superseded units go, every leaf stays.
     serve(scheduler, make_request("r400", prompts[400], max_tokens=1))
-    assert units() == [(100, 19), (300, 19), (300, 20), (400, 19), (400, 20)]
-    assert scheduler.kv.prefix_cache.num_evictions == 3
+    assert [u[:2] for u in units()] == [(100, 20), (200, 20), (300, 20), (400, 19), (400, 20)]
+    evictions = scheduler.kv.prefix_cache.evictions
+    assert evictions == {("window", "superseded"): 3}
 
-    # Prompt 100 still hits its touched unit; a longer matching unit (20) existed and was
-    # evicted, so the tokens after the hit are counted under "evicted".
+    # Prompt 200 plus two tokens hits its end-of-output unit (20); prompt 300's first 19
+    # tokens plus others: the 19-token unit was evicted, so those tokens are `evicted`
+    # misses, the rest cold — reasons are counted per token.
     stats_before = scheduler.stats()["prefix_cache"]["miss_tokens_by_reason"]
-    partly = make_request("q100", prompts[100] + [1, 2])
+    partly = make_request("q300", prompts[300][:19] + [1, 2, 3])
     serve(scheduler, partly)
-    assert (partly.num_cached_tokens, partly.miss_reason) == (19, None)
+    assert (partly.num_cached_tokens, partly.miss_reason) == (0, "evicted")
     after = scheduler.stats()["prefix_cache"]["miss_tokens_by_reason"]
-    assert after["evicted"] - stats_before["evicted"] == 22 - 19
-    # Every unit of prompt 200 was evicted: a miss for that reason.
-    evicted = make_request("q200", prompts[200] + [1, 2])
-    serve(scheduler, evicted)
-    assert (evicted.num_cached_tokens, evicted.miss_reason) == (0, "evicted")
+    moved = {reason: after[reason] - stats_before[reason] for reason in after if after[reason] != stats_before[reason]}
+    assert moved == {"evicted": 19, "cold": 3}
+
+
+def test_a_unit_several_sessions_hit_outlives_leaves():
+    # 4 window slots: one live request + three checkpoints. A shared 17-token "system" unit
+    # (a hint) is hit by sessions that continue differently: it becomes shared and survives.
+    scheduler = tiny_scheduler(window=4, state=4)
+    system = list(range(500, 517))
+
+    def session(i):
+        return make_request(f"s{i}", system + list(range(600 + 10 * i, 605 + 10 * i)), max_tokens=1,
+                            hints=CacheHints(unit_ends=(len(system),), keep_output=False))
+
+    serve(scheduler, session(0))
+    serve(scheduler, session(1))  # hits the 17-token unit with a new continuation
+    shared = next(c for c in scheduler.kv.prefix_cache.checkpoints() if c.num_tokens == len(system))
+    assert shared.kind.value == "shared"
+    # Unrelated prompts now fill the cache; the shared unit is the least recently used one,
+    # yet only leaves are evicted.
+    for i in range(4):
+        serve(scheduler, make_request(f"other{i}", list(range(700 + 30 * i, 720 + 30 * i)), max_tokens=1))
+    assert scheduler.kv.prefix_cache.checkpoints()[0] is shared
+    evictions = scheduler.kv.prefix_cache.evictions
+    assert sum(evictions.values()) >= 4 and all(kind != "shared" for _, kind in evictions)
+    late = session(9)
+    serve(scheduler, late)
+    assert late.num_cached_tokens == len(system)
+
+
+def test_hinted_unit_and_no_end_of_output_unit():
+    scheduler = tiny_scheduler()
+    request = make_request("r", A + B, max_tokens=3, hints=CacheHints(unit_ends=(21, 200), keep_output=False))
+    out = serve(scheduler, request)
+    assert out.chunks[0].token_ids == (A + B)[:21]  # the first chunk stops at the hint
+    # Units: the hint (21), the prompt unit (49); no end-of-output unit, 200 is past the prompt.
+    assert unit_lengths(scheduler) == [21, 49]
 
 
 def test_abort_leaves_only_checkpoints_and_evicting_them_empties_every_pool():

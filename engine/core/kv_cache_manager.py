@@ -66,13 +66,13 @@ class BlockTable:
 class AdmitResult:
     """Outcome of admitting a request: its table, the restores to run before its first
     forward, and the prefix-cache verdict: the hit length, the reason for a miss (None on a
-    hit), and the reason the tokens after the hit were not served (set on hits too)."""
+    hit), and why each query token after the hit was not served (`PrefixCache.miss_split`)."""
 
     block_table: BlockTable
     copies: list[CacheCopy]
     num_cached_tokens: int
     miss_reason: MissReason | None
-    uncached_reason: MissReason
+    misses: dict[MissReason, int]
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,13 @@ class CacheUsage:
     pools: dict[str, PoolUsage]
     used_fraction: float  # bytes held by anyone / all bytes
     live_fraction: float  # bytes held by live requests / all bytes
+    checkpoint_bytes: dict[str, int]  # pool -> bytes of units only checkpoints hold
 
     def as_dict(self) -> dict:
         return {
             "used_fraction": self.used_fraction,
             "live_fraction": self.live_fraction,
+            "checkpoint_bytes": dict(self.checkpoint_bytes),
             "pools": {
                 name: {"total": p.total, "live": p.live, "cached": p.cached, "free": p.free}
                 for name, p in self.pools.items()
@@ -149,8 +151,9 @@ class KVCacheManager:
         # Chains of prompts whose admission failed: the head of the queue retries every step.
         self._parked_chains: dict[str, HashChain] = {}
         # Snapshots scheduled this step; invisible to lookups until their copies have run.
-        self._pending: list[tuple[Checkpoint, HashChain]] = []
+        self._pending: list[tuple[Checkpoint, HashChain, Request]] = []
         self._pending_keys: set[CheckpointKey] = set()
+        self.load_failures: dict[str, int] = {}  # why lower-tier checkpoints could not be loaded
 
     def _validate_granularity(self) -> None:
         page = self.hash_page
@@ -261,12 +264,11 @@ class KVCacheManager:
         if request_id in self._tables:
             raise ValueError(f"request_id {request_id!r} is already admitted")
         chain: HashChain | None = None
-        hit, reason, uncached = None, MissReason.DISABLED, MissReason.DISABLED
+        token_ids, max_tokens = request.all_token_ids, request.num_tokens - 1
+        hit, reason = None, MissReason.DISABLED
         if self.enable_prefix_cache:
             chain = self._parked_chains.pop(request_id, None) or self.prefix_cache.new_chain(request.cache_salt)
-            token_ids, max_tokens = request.all_token_ids, request.num_tokens - 1
             hit, reason = self.prefix_cache.lookup(token_ids, request.cache_salt, max_tokens, chain)
-            uncached = reason or self.prefix_cache.uncached_reason(token_ids, chain, hit.num_tokens, max_tokens)
         needs = {CachePool.WINDOW: 1, CachePool.STATE: int(self._has_state)}
         if hit is not None:
             needs.update({pool: 1 for pool in hit.tail_blocks})
@@ -289,18 +291,22 @@ class KVCacheManager:
                 if pool in hit.tail_blocks:
                     blocks.append(self.pools[pool].allocate())
                     copies.append(CacheCopy(pool, hit.tail_blocks[pool], blocks[-1]))
-            self.prefix_cache.touch(hit, self._clock())
+            self.prefix_cache.touch(hit, self._clock(), token_ids[hit.num_tokens])
         request.num_computed_tokens = hit.num_tokens if hit is not None else 0
         self._tables[request_id] = table
-        if chain is not None:
+        if chain is None:
+            misses = {MissReason.DISABLED: request.num_tokens}
+        else:
+            misses = self.prefix_cache.miss_split(token_ids, chain, request.num_computed_tokens, max_tokens,
+                                                  request.num_tokens)
             self._chains[request_id] = chain
             self._num_registered[request_id] = dict.fromkeys(BLOCK_POOLS, 0)
             self.mark_computed(request)
-        return AdmitResult(table.copy(), copies, request.num_computed_tokens, reason, uncached)
+        return AdmitResult(table.copy(), copies, request.num_computed_tokens, reason, misses)
 
     def record_admission(self, request: Request, result: AdmitResult) -> None:
         """Count an admission in the prefix-cache token counters."""
-        self.prefix_cache.record_lookup(request.num_tokens, result.num_cached_tokens, result.uncached_reason)
+        self.prefix_cache.record_lookup(request.num_tokens, result.num_cached_tokens, result.misses)
 
     def ensure_capacity(self, request: Request, num_new_tokens: int) -> bool:
         """Give the request blocks for every compressed entry completed by its next
@@ -352,21 +358,21 @@ class KVCacheManager:
             if split[pool].has_tail:
                 checkpoint.tail_blocks[pool] = self.pools[pool].allocate()
                 copies.append(CacheCopy(pool, blocks[num_full], checkpoint.tail_blocks[pool]))
-        self._pending.append((checkpoint, chain))
+        self._pending.append((checkpoint, chain, request))
         self._pending_keys.add(key)
         return copies
 
     def commit_checkpoints(self) -> None:
         """The step's snapshot copies have run: make its checkpoints visible to lookups."""
         now = self._clock()
-        for checkpoint, chain in self._pending:
-            self.prefix_cache.insert(checkpoint, chain, now)
+        for checkpoint, chain, request in self._pending:
+            self.prefix_cache.insert(checkpoint, chain, now, request.all_token_ids)
         self._pending.clear()
         self._pending_keys.clear()
 
     def discard_pending_checkpoints(self) -> None:
         """Drop checkpoints whose snapshot copies never ran (a step that was not completed)."""
-        for checkpoint, _ in self._pending:
+        for checkpoint, _, _ in self._pending:
             self._release(checkpoint.held_units())
         self._pending.clear()
         self._pending_keys.clear()
@@ -423,7 +429,7 @@ class KVCacheManager:
                 checkpoint.tail_blocks[pool] = blocks[num_full]
             self._release([(pool, block) for block in blocks[split[pool].num_blocks:]])
         self._forget(request_id)
-        self.prefix_cache.insert(checkpoint, chain, self._clock())
+        self.prefix_cache.insert(checkpoint, chain, self._clock(), request.all_token_ids)
 
     def free(self, request: Request) -> None:
         """Release everything the request holds (abort, preemption, error). Idempotent."""
@@ -434,16 +440,20 @@ class KVCacheManager:
 
     # ---- reporting ----------------------------------------------------------------------------
 
+    def tier_load_failures(self) -> dict[str, int]:
+        return dict(self.load_failures)
+
     def usage(self) -> CacheUsage:
         live: dict[CachePool, set[int]] = {pool: set() for pool in CachePool}
         for table in self._tables.values():
             for pool, unit in table.units():
                 live[pool].add(unit)
-        pools, used_bytes, live_bytes, total_bytes = {}, 0, 0, 0
+        pools, used_bytes, live_bytes, total_bytes, checkpoint_bytes = {}, 0, 0, 0, {}
         for kind, pool in self.pools.items():
             num_live = len(live[kind])
             pools[kind.value] = PoolUsage(pool.num_blocks, num_live, pool.num_used - num_live, pool.num_free)
             unit = self.layout.unit_bytes(kind)
+            checkpoint_bytes[kind.value] = (pool.num_used - num_live) * unit
             used_bytes += pool.num_used * unit
             live_bytes += num_live * unit
             total_bytes += pool.num_blocks * unit
@@ -451,6 +461,7 @@ class KVCacheManager:
             pools,
             used_bytes / total_bytes if total_bytes else 0.0,
             live_bytes / total_bytes if total_bytes else 0.0,
+            checkpoint_bytes,
         )
 
     def check_integrity(self) -> None:
@@ -458,7 +469,7 @@ class KVCacheManager:
         expected: dict[CachePool, Counter] = {pool: Counter() for pool in CachePool}
         holders = [table.units() for table in self._tables.values()]
         holders += [c.held_units() for c in self.prefix_cache.checkpoints()]
-        holders += [c.held_units() for c, _ in self._pending]
+        holders += [c.held_units() for c, _, _ in self._pending]
         for units in holders:
             for pool, unit in units:
                 expected[pool][unit] += 1
@@ -528,9 +539,10 @@ class KVCacheManager:
         return shared
 
     def _make_room(self, needs: dict[CachePool, int], protect: Checkpoint | None = None) -> bool:
-        """Evict LRU checkpoints until every pool has `needs[pool]` free units.
+        """Evict checkpoints (in `PrefixCache.eviction_order`) until every pool has
+        `needs[pool]` free units.
 
-        Only units held by checkpoints alone can be reclaimed; if they are too few, nothing is
+        Only units held by checkpoints alone can be reclaimable; if they are too few, nothing is
         evicted. First pass: checkpoints that free a unit of a short pool by themselves.
         Second pass: holders of units that several checkpoints share (none frees them alone).
         Checkpoints that hold nothing reclaimable in a short pool are never evicted here.
@@ -538,7 +550,7 @@ class KVCacheManager:
         missing = self._short_pools(needs)
         if not missing:
             return True
-        candidates = [c for c in self.prefix_cache.checkpoints() if c is not protect]
+        candidates = [c for c in self.prefix_cache.eviction_order() if c is not protect]
         reclaimable = self._reclaimable_units(candidates, needs, missing)
         if reclaimable is None:
             return False
@@ -550,11 +562,11 @@ class KVCacheManager:
                     continue  # evicted in the first pass
                 units = [(p, u) for p, u in checkpoint.held_units() if p in missing]
                 if targeted:
-                    helps = any(self.pools[p].ref_count(u) == 1 for p, u in units)
+                    helping = [p for p, u in units if self.pools[p].ref_count(u) == 1]
                 else:
-                    helps = any(unit in reclaimable for unit in units)
-                if helps:
-                    self._evict(checkpoint)
+                    helping = [p for p, u in units if (p, u) in reclaimable]
+                if helping:
+                    self._evict(checkpoint, short_pool=min(helping, key=list(CachePool).index).value)
                     missing = self._short_pools(needs)
         return not missing
 
@@ -583,6 +595,6 @@ class KVCacheManager:
         shared = {key for key, n in holders.items() if self.pools[key[0]].ref_count(key[1]) == n}
         return shared if enough(Counter(pool for pool, _ in shared)) else None
 
-    def _evict(self, checkpoint: Checkpoint) -> None:
-        self.prefix_cache.remove(checkpoint, evicted=True)
+    def _evict(self, checkpoint: Checkpoint, short_pool: str = "reset") -> None:
+        self.prefix_cache.remove(checkpoint, evicted=True, short_pool=short_pool)
         self._release(checkpoint.held_units())

@@ -59,6 +59,25 @@ _STATUS_TO_REASON = {
 _REASON_TO_STATUS = {reason: status for status, reason in _STATUS_TO_REASON.items()}
 
 
+@dataclass(frozen=True)
+class CacheHints:
+    """What the caller knows about a prompt's reuse (the chat server sets these).
+
+    `unit_ends`: extra cache-unit positions inside the prompt, e.g. the end of the system +
+    tools block, which other sessions share. `keep_output`: False when the next turn cannot
+    match the end of this output (thinking chats whose reasoning the encoder drops), so no
+    end-of-output unit is kept for it."""
+
+    unit_ends: tuple[int, ...] = ()
+    keep_output: bool = True
+
+    def __post_init__(self) -> None:
+        ends = tuple(self.unit_ends)
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in ends):
+            raise ValueError(f"unit_ends must be positive ints, got {self.unit_ends!r}")
+        object.__setattr__(self, "unit_ends", tuple(sorted(set(ends))))
+
+
 @dataclass(eq=False)  # identity semantics: two requests are never "equal"
 class Request:
     """A prompt plus the tokens generated so far.
@@ -74,6 +93,7 @@ class Request:
     eos_token_id: int | None
     arrival_time: float
     cache_salt: str = ""
+    cache_hints: CacheHints = field(default_factory=CacheHints)
 
     output_token_ids: list[int] = field(default_factory=list)
     # Tokens whose KV is in the cache. The last sampled token is never computed until the
@@ -104,6 +124,8 @@ class Request:
         self.prompt_token_ids = list(self.prompt_token_ids)
         if not isinstance(self.cache_salt, str):
             raise ValueError(f"cache_salt must be a string, got {type(self.cache_salt).__name__}")
+        if not isinstance(self.cache_hints, CacheHints):
+            raise ValueError(f"cache_hints must be CacheHints, got {type(self.cache_hints).__name__}")
         if self.eos_token_id is not None and not isinstance(self.eos_token_id, int):
             raise ValueError(f"eos_token_id must be an int or None, got {self.eos_token_id!r}")
 

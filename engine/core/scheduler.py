@@ -8,8 +8,8 @@ Per step (`schedule`):
   1. running requests, FCFS: decodes first (one token each), then continuing prefills;
   2. waiting requests, FCFS, while `max_num_seqs` and the budget allow (none after a preemption);
   3. checkpoints for chunks that end on a cache-unit boundary (a multiple of `unit_interval`,
-     or one token short of the prompt end): a prefill chunk never crosses one, so the snapshot
-     is exact.
+     a position the request's `CacheHints` name, or one token short of the prompt end): a
+     prefill chunk never crosses one, so the snapshot is exact.
 When a running request cannot get blocks, checkpoints are evicted first (in the KV manager),
 then the most recently arrived running request is preempted (its KV freed, recomputed later).
 A request that cannot fit even alone finishes with FINISHED_ERROR instead of looping.
@@ -340,23 +340,26 @@ class Scheduler:
         if self.kv.enable_prefix_cache:
             unit = self.kv.unit_interval
             boundary = (start // unit + 1) * unit
-            prompt_unit = self._prompt_unit(request)
-            if prompt_unit > start:
-                boundary = min(boundary, prompt_unit)
+            for end in self._prompt_units(request):
+                if end > start:
+                    boundary = min(boundary, end)
+                    break
             num_tokens = min(num_tokens, boundary - start)
         return num_tokens
 
     def _is_unit_end(self, request: Request, end: int) -> bool:
         if not self.kv.enable_prefix_cache:
             return False
-        return end % self.kv.unit_interval == 0 or end == self._prompt_unit(request)
+        return end % self.kv.unit_interval == 0 or end in self._prompt_units(request)
 
     @staticmethod
-    def _prompt_unit(request: Request) -> int:
-        """The end-of-prompt cache unit sits one token short of the prompt's end: a later
-        request with the *same* prompt can then resume from it and still has a token to
-        compute logits from (a unit at the very end could only serve longer prompts)."""
-        return request.num_prompt_tokens - 1
+    def _prompt_units(request: Request) -> tuple[int, ...]:
+        """Unit positions inside the prompt, ascending: the caller's hints (e.g. the end of a
+        shared system block) and the end-of-prompt unit, one token short of the prompt's
+        end: a later request with the *same* prompt can then resume from it and still has a
+        token to compute logits from (a unit at the very end could only serve longer prompts)."""
+        last = request.num_prompt_tokens - 1
+        return tuple(n for n in request.cache_hints.unit_ends if n < last) + (last,)
 
     def _add_chunk(self, request: Request, num_tokens: int, plan: _StepPlan) -> None:
         start = request.num_computed_tokens
@@ -395,7 +398,7 @@ class Scheduler:
             self.waiting.remove(request)
         self.requests.pop(request.request_id, None)
         self._arrival_order.pop(request.request_id, None)
-        if cache_output:
+        if cache_output and request.cache_hints.keep_output:
             self.kv.finish(request, cache_output=True)
         else:
             self.kv.free(request)

@@ -1,0 +1,50 @@
+"""What a chat request tells the prefix cache about its own reuse (`engine.core.request.CacheHints`).
+
+- A unit at the end of the system + tools block (and the `<｜User｜>` marker that opens the first
+  user turn), so sessions that share a system prompt share it whole instead of only up to the
+  last every-N-tokens unit (DeepSeek: units where the system "detects a common prefix").
+- No end-of-output unit when the next turn cannot match it: in thinking mode without tools the
+  encoder drops earlier turns' reasoning, so the next prompt leaves this output right after its
+  `<｜Assistant｜>` header — where the end-of-prompt unit already sits.
+
+A hint is only given when the block's tokens are exactly the prompt's first tokens (a tokenizer
+could merge across the boundary); otherwise the request simply gets none.
+"""
+
+from __future__ import annotations
+
+from engine.core.request import CacheHints
+from server.chat_template import USER, ChatTemplateError, encode_messages
+
+_SYSTEM_ROLES = ("system", "developer")
+
+
+def chat_cache_hints(messages: list[dict], prompt_ids: list[int], tokenizer, *, thinking: bool,
+                     tools: list[dict] | None, starts_in_reasoning: bool, **encode_options) -> CacheHints:
+    """Hints for a chat prompt rendered by `encode_messages(messages, thinking=..., tools=...,
+    **encode_options)` into `prompt_ids`."""
+    keep_output = not (thinking and not tools and starts_in_reasoning)
+    end = _system_block_end(messages, prompt_ids, tokenizer, thinking=thinking, tools=tools, **encode_options)
+    return CacheHints(unit_ends=(end,) if end else (), keep_output=keep_output)
+
+
+def _system_block_end(messages: list[dict], prompt_ids: list[int], tokenizer, **encode_options) -> int | None:
+    leading = 0
+    while leading < len(messages) and isinstance(messages[leading], dict) and \
+            messages[leading].get("role") in _SYSTEM_ROLES:
+        leading += 1
+    if leading == len(messages):
+        return None  # nothing after the system block: the end-of-prompt unit covers it
+    system = messages[:leading] or [{"role": "system", "content": ""}]  # tools alone form a block
+    if not leading and not encode_options.get("tools") and not encode_options.get("response_format"):
+        return None  # no system block at all
+    try:
+        text = encode_messages(system, add_generation_prompt=False, **encode_options)
+    except ChatTemplateError:
+        return None
+    opens_user = messages[leading].get("role") in ("user", "tool")
+    for candidate in ((text + USER, text) if opens_user else (text,)):
+        ids = tokenizer.encode(candidate)
+        if 0 < len(ids) < len(prompt_ids) and prompt_ids[:len(ids)] == ids:
+            return len(ids)
+    return None
