@@ -1,4 +1,4 @@
-"""V4 attention for the three layer types (spec §3.4–§3.7).
+"""V4 attention for the three layer types (spec §3.4–§3.7), one path for every chunk.
 
 Every layer: low-rank query (wq_a → q_norm → wq_b, per-head unweighted RMS, partial RoPE),
 one shared K=V vector per token (wkv → kv_norm → RoPE), a sliding window of ``W`` tokens,
@@ -6,10 +6,15 @@ per-head attention sinks, inverse RoPE on the output, grouped low-rank output pr
 - HCA (ratio 128): + every completed compressed entry of the sequence.
 - CSA (ratio 4, overlapping windows): + the lightning indexer's top-k compressed entries.
 
-Projections run on the flat batch; the compressor, cache reads/writes and the attention core
-run per sequence in plain torch for prefill chunks; decode tokens of all sequences are served
-together (padded gathers) and their attention core goes through `kernels.sink_attention`
-(Triton on CUDA, the torch twin elsewhere).
+The flat varlen batch (prefill chunks, decode tokens, verify chunks alike) runs as one path:
+the compressors pool every entry the step completes for all sequences at once and write them
+(and their indexer keys) into the paged pools; then each query gathers its own keys — the
+window (cached ring rows older than its chunk, this step's rows otherwise), plus on CSA layers
+the top-k entries the indexer picks by scoring the pooled indexer keys in place, chunk by chunk
+over the context, plus on HCA layers every visible entry — and the attention core
+(``kernels.sink_attention``: Triton on CUDA, the torch twin elsewhere) runs on query blocks
+sized so the gathered keys stay within ``WORKSPACE_ELEMENTS``. Shapes depend only on the
+batch's token count, sequence count and longest context (host-side integers): no host sync.
 """
 from __future__ import annotations
 
@@ -18,13 +23,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engine.worker.input_batch import ForwardBatch, SeqView
 from engine.model.config import ModelConfig
-from engine.worker.kv_cache import CSA_RATIO, CompressorState, KVCache
 from engine.model.layers import Linear, RMSNorm, Rotary, apply_rope, rms_norm
+from engine.worker.input_batch import NO_SLOT, CompressPlan, ForwardBatch
+from engine.worker.kv_cache import CSA_RATIO, CompressorState, KVCache
 from kernels import sink_attention
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+WORKSPACE_ELEMENTS = 1 << 24  # gathered key elements per query block (and indexer chunk)
 
 
 class Compressor(nn.Module):
@@ -32,7 +38,8 @@ class Compressor(nn.Module):
 
     With ``overlap`` (CSA) the projections are 2*dim wide: series A (first half) feeds the
     *next* window's entry, series B (second half) the current one, so entry ``w`` pools 2*ratio
-    slots: A of window w-1 and B of window w (spec §3.6)."""
+    slots: A of window w-1 and B of window w (spec §3.6). Tokens of earlier steps come from the
+    state ring (position p at row ``p % S``)."""
 
     def __init__(self, in_dim: int, dim: int, ratio: int, overlap: bool, eps: float):
         super().__init__()
@@ -43,86 +50,58 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, coff * dim, dtype=torch.float32), requires_grad=False)
         self.norm = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, seq: SeqView, state: CompressorState, rotary: Rotary,
-                out_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-        """Feed this step's tokens of one sequence; returns (new entries [n, dim], first entry index).
-
-        ``state`` rows of ``seq.state_slot`` carry the incomplete window (and for CSA the previous
-        window's A-half) across steps; they are only read when positions say they are valid."""
-        m, d, slot = self.ratio, self.dim, seq.state_slot
-        start, n = seq.start_pos, seq.num_tokens
-        pos = torch.arange(start, start + n, device=x.device)
-        kv = self.wkv(x)
-        score = self.wgate(x) + self.ape[pos % m]
-        cur = m if self.overlap else 0  # first row of the current-window part of the state
-        r0 = start % m
-        if r0:
-            kv = torch.cat([state.kv[slot, cur:cur + r0], kv])
-            score = torch.cat([state.score[slot, cur:cur + r0], score])
-        n_win = (r0 + n) // m
-        first = (start - r0) // m  # index of the first window completed now
-        rem = (r0 + n) - n_win * m
-        entries = kv.new_zeros(0, d)
-        if n_win:
-            win_kv = kv[: n_win * m].view(n_win, m, -1)
-            win_sc = score[: n_win * m].view(n_win, m, -1)
-            if self.overlap:
-                if first > 0:
-                    prev_kv, prev_sc = state.kv[slot, :m, :d], state.score[slot, :m, :d]
-                else:  # the first window has no predecessor: its A slots get zero weight
-                    prev_kv = kv.new_zeros(m, d)
-                    prev_sc = kv.new_full((m, d), float("-inf"))
-                a_kv = torch.cat([prev_kv[None], win_kv[:-1, :, :d]])
-                a_sc = torch.cat([prev_sc[None], win_sc[:-1, :, :d]])
-                slots_kv = torch.cat([a_kv, win_kv[:, :, d:]], dim=1)
-                slots_sc = torch.cat([a_sc, win_sc[:, :, d:]], dim=1)
-                # Keep the last complete window's A-half for the next step.
-                state.kv[slot, :m, :d] = win_kv[-1, :, :d]
-                state.score[slot, :m, :d] = win_sc[-1, :, :d]
-            else:
-                slots_kv, slots_sc = win_kv, win_sc
-            pooled = (slots_kv * torch.softmax(slots_sc, dim=1)).sum(dim=1)
-            entries = self.norm(pooled.to(out_dtype))
-            wpos = (torch.arange(first, first + n_win, device=x.device) * m)
-            cos, sin = rotary.cos_sin(wpos, entries.dtype)
-            entries = apply_rope(entries, cos, sin)
-        if rem:
-            state.kv[slot, cur:cur + rem] = kv[n_win * m:]
-            state.score[slot, cur:cur + rem] = score[n_win * m:]
-        return entries, first
-
-
-    def decode_batch(self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, state: CompressorState,
-                     rotary: Rotary, out_dtype: torch.dtype):
-        """One new token for each of B sequences (same math as ``forward``, batched).
-
-        Returns (entries [C, dim], which of the B sequences completed a window [C], entry index [C])."""
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, state: CompressorState, rotary: Rotary,
+                out_dtype: torch.dtype) -> tuple[torch.Tensor, CompressPlan]:
+        """Entries ``[E, dim]`` for the step's plan at this ratio (rows the plan marks invalid
+        are finite filler), after storing the tokens later steps need into ``state``."""
         m, d = self.ratio, self.dim
+        plan = batch.plans[m]
+        pos = batch.positions
         kv = self.wkv(x)
         score = self.wgate(x) + self.ape[pos % m]
-        cur = m if self.overlap else 0
-        state.kv[slots, cur + pos % m] = kv
-        state.score[slots, cur + pos % m] = score
-        done = ((pos + 1) % m == 0).nonzero().squeeze(1)
-        w = pos[done] // m
-        if done.numel() == 0:
-            return kv.new_zeros(0, d).to(out_dtype), done, w
-        s = slots[done]
-        win_kv, win_sc = state.kv[s, cur:cur + m], state.score[s, cur:cur + m]
+        window_pos = plan.window[:, None] * m + torch.arange(m, device=x.device)  # [E, m]
+        rows = _StepOrState(batch, plan.seq, kv, score, state)
+        cur_kv, cur_sc = rows(window_pos)
         if self.overlap:
-            has_prev = (w > 0)[:, None, None]  # the first window has no predecessor (zero weight)
-            prev_kv = torch.where(has_prev, state.kv[s, :m, :d], 0.0)
-            prev_sc = torch.where(has_prev, state.score[s, :m, :d], float("-inf"))
-            slots_kv = torch.cat([prev_kv, win_kv[:, :, d:]], dim=1)
-            slots_sc = torch.cat([prev_sc, win_sc[:, :, d:]], dim=1)
-            state.kv[s, :m, :d] = win_kv[:, :, :d]
-            state.score[s, :m, :d] = win_sc[:, :, :d]
+            prev_kv, prev_sc = rows(window_pos - m)
+            first = (plan.window == 0)[:, None, None]  # the first window has no predecessor: zero weight
+            prev_kv = prev_kv[..., :d].masked_fill(first, 0.0)
+            prev_sc = prev_sc[..., :d].masked_fill(first, float("-inf"))
+            slots_kv = torch.cat([prev_kv, cur_kv[..., d:]], dim=1)
+            slots_sc = torch.cat([prev_sc, cur_sc[..., d:]], dim=1)
         else:
-            slots_kv, slots_sc = win_kv, win_sc
+            slots_kv, slots_sc = cur_kv, cur_sc
         pooled = (slots_kv * torch.softmax(slots_sc, dim=1)).sum(dim=1)
         entries = self.norm(pooled.to(out_dtype))
-        cos, sin = rotary.cos_sin(w * m, entries.dtype)
-        return apply_rope(entries, cos, sin), done, w
+        cos, sin = rotary.cos_sin(plan.window * m, entries.dtype)
+        entries = apply_rope(entries, cos, sin)
+        # Keep what later steps pool: the window in progress (and, with overlap, the one before).
+        span = state.kv.shape[1]
+        keep_from = (batch.end_pos // m - (1 if self.overlap else 0)) * m
+        slots = torch.where(pos >= keep_from[batch.seq_ids], batch.state_slots[batch.seq_ids], NO_SLOT)
+        state.kv[slots, pos % span] = kv
+        state.score[slots, pos % span] = score
+        return entries, plan
+
+
+class _StepOrState:
+    """kv/score rows of given positions of the plan's sequences: this step's rows for positions
+    fed now, the state ring for earlier ones (read before this step's tokens are stored)."""
+
+    def __init__(self, batch: ForwardBatch, seq: torch.Tensor, kv: torch.Tensor, score: torch.Tensor,
+                 state: CompressorState):
+        self.start = batch.start_pos[seq][:, None]
+        self.row0 = batch.cu_seqlens[seq][:, None]
+        self.slot = batch.state_slots[seq][:, None]
+        self.kv, self.score, self.state = kv, score, state
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        in_step = (positions >= self.start)[..., None]
+        rows = (self.row0 + positions - self.start).clamp(0, self.kv.shape[0] - 1)
+        ring = positions % self.state.kv.shape[1]
+        kv = torch.where(in_step, self.kv[rows], self.state.kv[self.slot, ring])
+        score = torch.where(in_step, self.score[rows], self.state.score[self.slot, ring])
+        return kv, score
 
 
 class Indexer(nn.Module):
@@ -144,38 +123,33 @@ class Indexer(nn.Module):
         w = self.weights_proj(x).float() * (self.total_heads ** -0.5)
         return q, w
 
-    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
-               reduce: Reduce | None) -> torch.Tensor:
-        """Boolean ``[n, n_entries]``: which compressed entries each query attends to."""
-        n_entries = keys.shape[0]
-        visible = torch.arange(n_entries, device=q.device)[None, :] < ((positions + 1) // CSA_RATIO)[:, None]
-        if n_entries <= self.topk:
-            return visible  # top-k keeps every visible entry: no scoring needed
-        scores = torch.einsum("nhd,ed->nhe", q.float(), keys.float()).relu_() * (self.head_dim ** -0.5)
-        scores = (scores * w[:, :, None]).sum(dim=1)
-        if reduce is not None:  # indexer heads are split across tensor-parallel ranks
-            scores = reduce(scores)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        top = scores.topk(self.topk, dim=-1).indices
-        chosen = torch.zeros_like(visible)
-        chosen.scatter_(1, top, True)
-        return chosen & visible
+    def select(self, q: torch.Tensor, w: torch.Tensor, visible: torch.Tensor, num_entries: int,
+               keys_of: Callable[[torch.Tensor], torch.Tensor], reduce: Reduce | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entry ids ``[Q, k]`` each query attends to and which of them are real (``< visible``).
 
-
-    def select_batch(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
-                     reduce: Reduce | None) -> torch.Tensor:
-        """Decode queries ``q [B, heads, d]`` against each sequence's padded keys ``[B, E, d]``."""
-        if int(valid.sum(dim=1).max()) <= self.topk:
-            return valid
-        scores = torch.einsum("bhd,bed->bhe", q.float(), keys.float()).relu_() * (self.head_dim ** -0.5)
-        scores = (scores * w[:, :, None]).sum(dim=1)
-        if reduce is not None:
-            scores = reduce(scores)
-        scores = scores.masked_fill(~valid, float("-inf"))
-        top = scores.topk(min(self.topk, scores.shape[1]), dim=-1).indices
-        chosen = torch.zeros_like(valid)
-        chosen.scatter_(1, top, True)
-        return chosen & valid
+        Scores ``sum_h w_h * ReLU(q_h . key)`` over entries ``[0, num_entries)`` read by
+        ``keys_of(ids [Q, C])``, ``C`` at a time with a running top-k, so memory stays bounded
+        whatever the context. Ties go to the lower entry index (stable sort)."""
+        Q = q.shape[0]
+        if num_entries <= self.topk:  # top-k keeps every visible entry: no scoring needed
+            ids = torch.arange(num_entries, device=q.device).expand(Q, -1)
+            return ids, ids < visible[:, None]
+        chunk = max(self.topk, WORKSPACE_ELEMENTS // (Q * (self.n_heads + self.head_dim)))
+        best_scores = torch.empty(Q, 0, dtype=torch.float32, device=q.device)
+        best_ids = torch.empty(Q, 0, dtype=torch.long, device=q.device)
+        qf = q.float()
+        for c0 in range(0, num_entries, chunk):
+            ids = torch.arange(c0, min(c0 + chunk, num_entries), device=q.device).expand(Q, -1)
+            scores = torch.einsum("qhd,qcd->qhc", qf, keys_of(ids).float()).relu_() * (self.head_dim ** -0.5)
+            scores = (scores * w[:, :, None]).sum(dim=1)
+            if reduce is not None:  # indexer heads are split across tensor-parallel ranks
+                scores = reduce(scores)
+            scores = scores.masked_fill(ids >= visible[:, None], float("-inf"))
+            scores, ids = torch.cat([best_scores, scores], dim=1), torch.cat([best_ids, ids], dim=1)
+            order = scores.sort(dim=1, descending=True, stable=True).indices[:, :self.topk]
+            best_scores, best_ids = scores.gather(1, order), ids.gather(1, order)
+        return best_ids, best_ids < visible[:, None]
 
 
 class Attention(nn.Module):
@@ -213,24 +187,28 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         # With an FP8 KV cache the reference rounds kv before using it, cached or not.
         kv = cache.round_kv(apply_rope(self.kv_norm(self.wkv(x)), cos, sin))
+        index_q = None
         if self.indexer is not None:
             iq, iw = self.indexer.queries(q_lat, x, cos, sin)
-            iq = cache.round_index_query(iq)
+            index_q = (cache.round_index_query(iq), iw)
+        if self.compressor is not None:
+            self._store_entries(x, batch, cache, rotary)
 
-        out = torch.empty(T, self.n_heads, d, dtype=x.dtype, device=x.device)
-        if batch.decode is not None:
-            dec = batch.decode
-            index_q = (iq[dec.rows], iw[dec.rows]) if self.indexer is not None else None
-            out[dec.rows] = self._decode(q[dec.rows], kv[dec.rows], x[dec.rows], dec, cache, rotary, index_q, reduce)
-        for seq in batch.loop_seqs:
-            rows = seq.rows
-            keys, mask = self._window(kv[rows], seq, cache, batch.positions[rows])
+        block = self._query_block(batch)
+        outs = []
+        for r0 in range(0, T, block):
+            rows = slice(r0, min(T, r0 + block))
+            keys, mask = self._window_keys(rows, kv, batch, cache)
             if self.compressor is not None:
-                ckeys, cmask = self._compressed(x[rows], seq, cache, rotary, batch.positions[rows],
-                                                (iq[rows], iw[rows]) if self.indexer is not None else None, reduce)
-                keys = torch.cat([keys, ckeys])
+                ckeys, cmask = self._compressed_keys(rows, batch, cache, index_q, reduce)
+                keys = torch.cat([keys, ckeys.to(keys.dtype)], dim=1)
                 mask = torch.cat([mask, cmask], dim=1)
-            out[rows] = self._attend(q[rows], keys, mask)
+            outs.append(sink_attention(q[rows], keys, mask, self.attn_sink, self.softmax_scale))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        # Store this step's newest W tokens of each sequence (after every read: the ring may wrap).
+        W = cfg.sliding_window
+        slots = torch.where(batch.newest_rows(W), batch.window_slots[batch.seq_ids], NO_SLOT)
+        cache.store_window(self.layer, slots, batch.positions, kv)
         out = apply_rope(out, cos, sin, inverse=True)
         # Grouped output projection: group g = heads [g*hpg, (g+1)*hpg) → o_lora_rank each.
         grouped = out.view(T, self.n_groups, -1)
@@ -239,71 +217,52 @@ class Attention(nn.Module):
         y = self.wo_b(z)
         return reduce(y) if reduce is not None else y
 
-    def _decode(self, q, kv, x, dec, cache: KVCache, rotary: Rotary, index_q, reduce) -> torch.Tensor:
-        """Attention for B sequences feeding one token each, with padded batched gathers."""
-        W, pos = self.cfg.sliding_window, dec.positions
-        cache.write_window_batch(self.layer, dec.window_slots, pos, kv)
-        keys = cache.read_rings(self.layer, dec.window_slots)
-        # Ring slot j holds position p - ((p - j) mod W): written iff that is >= 0.
-        mask = (torch.arange(W, device=x.device)[None, :] <= pos[:, None]) | (pos[:, None] >= W - 1)
-        if self.compressor is not None:
-            m = self.ratio
-            entries, done, w = self.compressor.decode_batch(x, pos, dec.state_slots,
-                                                            cache.state[(self.layer, "main")], rotary, x.dtype)
-            if m == CSA_RATIO:
-                pool, idx_pool, tables = cache.c4_kv[self.layer], cache.c4_idx[self.layer], dec.c4_tables
-            else:
-                pool, idx_pool, tables = cache.c128_kv[self.layer], None, dec.c128_tables
-            cache.write_entries_batch(pool, tables[done], w, entries)
-            ckeys = cache.gather_entries(pool, tables)
-            cvalid = torch.arange(ckeys.shape[1], device=x.device)[None, :] < ((pos + 1) // m)[:, None]
-            if self.indexer is not None:
-                ikeys, idone, iw_ = self.indexer.compressor.decode_batch(
-                    x, pos, dec.state_slots, cache.state[(self.layer, "index")], rotary, x.dtype)
-                cache.write_entries_batch(idx_pool, tables[idone], iw_, ikeys)
-                cvalid = self.indexer.select_batch(index_q[0], index_q[1], cache.gather_entries(idx_pool, tables),
-                                                   cvalid, reduce)
-            keys = torch.cat([keys, ckeys.to(keys.dtype)], dim=1)
-            mask = torch.cat([mask, cvalid], dim=1)
-        return sink_attention(q, keys, mask, self.attn_sink, self.softmax_scale)
+    def _store_entries(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, rotary: Rotary) -> None:
+        """Pool the entries this step completes and write them (and their indexer keys) into
+        the pools first: later queries of the same step see them."""
+        entries, plan = self.compressor(x, batch, cache.state[(self.layer, "main")], rotary, x.dtype)
+        tables = batch.tables(self.ratio)[plan.seq]
+        pool = cache.c4_kv[self.layer] if self.ratio == CSA_RATIO else cache.c128_kv[self.layer]
+        cache.store_entries(pool, tables, plan.window, plan.valid, entries)
+        if self.indexer is not None:
+            keys, _ = self.indexer.compressor(x, batch, cache.state[(self.layer, "index")], rotary, x.dtype)
+            cache.store_entries(cache.c4_idx[self.layer], tables, plan.window, plan.valid, keys)
 
-    def _window(self, kv: torch.Tensor, seq: SeqView, cache: KVCache, qpos: torch.Tensor):
-        """Keys for the sliding window (cached ring + this step's tokens) and their mask."""
-        W = self.cfg.sliding_window
-        lo = max(0, seq.start_pos - (W - 1))
-        old_pos = torch.arange(lo, seq.start_pos, device=kv.device)
-        keys = torch.cat([cache.read_window(self.layer, seq.window_slot, old_pos).to(kv.dtype), kv])
-        kpos = torch.cat([old_pos, qpos])
-        mask = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - W)
-        # Store the newest W tokens of this step (after reading: the ring may wrap).
-        keep = min(seq.num_tokens, W)
-        cache.write_window(self.layer, seq.window_slot, qpos[-keep:], kv[-keep:])
-        return keys, mask
-
-    def _compressed(self, x, seq: SeqView, cache: KVCache, rotary: Rotary, qpos, index_q, reduce):
-        comp = self.compressor
-        entries, first = comp(x, seq, cache.state[(self.layer, "main")], rotary, x.dtype)
-        n_total = seq.end_pos // self.ratio
+    def _query_block(self, batch: ForwardBatch) -> int:
+        keys = self.cfg.sliding_window
         if self.ratio == CSA_RATIO:
-            pool, idx_pool = cache.c4_kv[self.layer], cache.c4_idx[self.layer]
-            cache.write_entries(pool, seq.c4_blocks, first, entries)
-            ikeys, ifirst = self.indexer.compressor(x, seq, cache.state[(self.layer, "index")], rotary, x.dtype)
-            cache.write_entries(idx_pool, seq.c4_blocks, ifirst, ikeys)
-            keys = cache.read_entries(pool, seq.c4_blocks, n_total)
-            all_ikeys = cache.read_entries(idx_pool, seq.c4_blocks, n_total)
-            mask = self.indexer.select(index_q[0], index_q[1], all_ikeys, qpos, reduce)
-        else:
-            pool = cache.c128_kv[self.layer]
-            cache.write_entries(pool, seq.c128_blocks, first, entries)
-            keys = cache.read_entries(pool, seq.c128_blocks, n_total)
-            mask = torch.arange(n_total, device=x.device)[None, :] < ((qpos + 1) // self.ratio)[:, None]
-        return keys.to(x.dtype), mask
+            keys += min(self.cfg.index_topk, batch.max_entries(self.ratio))
+        elif self.ratio:
+            keys += batch.max_entries(self.ratio)
+        return max(1, WORKSPACE_ELEMENTS // (keys * self.cfg.head_dim))
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Softmax over the visible keys plus a per-head sink logit (denominator only); V = K."""
-        scores = torch.einsum("nhd,kd->hnk", q, keys).float() * self.softmax_scale
-        scores = scores.masked_fill(~mask[None], float("-inf"))
-        sink = self.attn_sink.float()[:, None, None].expand(-1, q.shape[0], 1)
-        logits = torch.cat([scores, sink], dim=-1)
-        probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
-        return torch.einsum("hnk,kd->nhd", probs.to(keys.dtype), keys)
+    def _window_keys(self, rows: slice, kv: torch.Tensor, batch: ForwardBatch, cache: KVCache):
+        """Keys ``[Q, W, D]`` at positions ``p, p-1, …, p-W+1`` of each query and their mask:
+        this step's rows from ``kv``, older ones from the ring."""
+        W = self.cfg.sliding_window
+        seq, pos = batch.seq_ids[rows], batch.positions[rows]
+        back = torch.arange(W, device=kv.device)
+        kpos = pos[:, None] - back
+        in_step = (kpos >= batch.start_pos[seq][:, None])[..., None]
+        step = kv[(torch.arange(rows.start, rows.stop, device=kv.device)[:, None] - back).clamp(min=0)]
+        ring = cache.gather_window(self.layer, batch.window_slots[seq], kpos)
+        return torch.where(in_step, step, ring.to(kv.dtype)), kpos >= 0
+
+    def _compressed_keys(self, rows: slice, batch: ForwardBatch, cache: KVCache, index_q, reduce):
+        """Compressed keys ``[Q, K, D]`` and mask: the indexer's top-k entries on CSA layers,
+        every entry on HCA layers (masked to those completed at the query's position)."""
+        m = self.ratio
+        seq, pos = batch.seq_ids[rows], batch.positions[rows]
+        tables = batch.tables(m)[seq]
+        visible = (pos + 1) // m
+        n = batch.max_entries(m)
+        if self.indexer is None:
+            ids = torch.arange(n, device=pos.device).expand(pos.shape[0], -1)
+            valid = ids < visible[:, None]
+            pool = cache.c128_kv[self.layer]
+        else:
+            idx_pool = cache.c4_idx[self.layer]
+            ids, valid = self.indexer.select(index_q[0][rows], index_q[1][rows], visible, n,
+                                             lambda e: cache.gather_entries(idx_pool, tables, e), reduce)
+            pool = cache.c4_kv[self.layer]
+        return cache.gather_entries(pool, tables, ids), valid

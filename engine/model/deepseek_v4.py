@@ -108,8 +108,7 @@ class DeepseekV4(nn.Module):
         streams = x.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
         for block in self.layers:
             streams = block(streams, batch, cache, self.rotaries, self.par.all_reduce)
-        rows = torch.tensor(batch.logits_rows, dtype=torch.long, device=streams.device)
-        return self.norm(self.hc_head(streams[rows]))
+        return self.norm(self.hc_head(streams[batch.logits_rows]))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 head (spec §3.1 step 4); vocab-parallel ranks gather their slices."""

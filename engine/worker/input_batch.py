@@ -1,16 +1,25 @@
-"""ForwardBatch: one flat varlen batch of tokens from many sequences (prefill chunks and decode
-tokens mixed), plus where each sequence's cache lives. Built by the model runner, read by the
-model; nothing else."""
+"""ForwardBatch: one flat varlen batch of tokens from many sequences (prefill chunks, decode
+tokens and multi-token verify chunks mixed), with where each sequence's cache lives — all as
+tensors, so the model runs one path for every chunk without reading anything back to the host.
+
+Built by the model runner (or ``ForwardBatch.build`` for tools and tests), read by the model.
+Address ``-1`` (a slot or block) is the cache's padding row: writes that must not land anywhere
+go there, and padded block-table columns point there.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
 
+from engine.worker.kv_cache import CSA_RATIO, HCA_RATIO
+
+NO_SLOT = -1
+
 
 @dataclass
 class SeqView:
-    """One sequence's slice of the flat batch and its cache handles."""
+    """One sequence's slice of the flat batch and its cache handles (host side)."""
 
     row_start: int  # first row of this sequence in the flat token tensor
     num_tokens: int  # tokens fed this step
@@ -24,86 +33,96 @@ class SeqView:
     def end_pos(self) -> int:
         return self.start_pos + self.num_tokens
 
-    @property
-    def rows(self) -> slice:
-        return slice(self.row_start, self.row_start + self.num_tokens)
-
 
 @dataclass
-class DecodeGroup:
-    """The sequences of a batch that feed exactly one token, as tensors, so attention can
-    serve all of them with batched gathers instead of a loop."""
+class CompressPlan:
+    """The compressed entries a step may complete at one ratio ``m``: for every sequence, each
+    window from the one holding its first fed token to the one holding its last (so a decode
+    batch has exactly one candidate per sequence). ``valid`` marks the windows that really
+    complete this step; the others are computed and written to the padding row."""
 
-    seq_index: list[int]  # positions in ForwardBatch.seqs
-    rows: torch.Tensor  # [B] flat-batch rows
-    positions: torch.Tensor  # [B]
-    window_slots: torch.Tensor  # [B]
-    state_slots: torch.Tensor | None  # [B]
-    c4_tables: torch.Tensor  # [B, max blocks] (padded with 0; entries past a sequence's count are masked)
-    c128_tables: torch.Tensor
+    seq: torch.Tensor  # [E] sequence index
+    window: torch.Tensor  # [E] entry (window) index within the sequence
+    valid: torch.Tensor  # [E] bool
 
     @classmethod
-    def of(cls, seqs: list[SeqView], device) -> "DecodeGroup | None":
-        idx = [i for i, s in enumerate(seqs) if s.num_tokens == 1]
-        if not idx:
-            return None
-        chosen = [seqs[i] for i in idx]
-
-        def table(attr):
-            width = max(1, max(len(getattr(s, attr)) for s in chosen))
-            return torch.tensor([getattr(s, attr) + [0] * (width - len(getattr(s, attr))) for s in chosen],
-                                dtype=torch.long, device=device)
-
-        def col(values):
-            return torch.tensor(values, dtype=torch.long, device=device)
-
-        return cls(
-            seq_index=idx,
-            rows=col([s.row_start for s in chosen]),
-            positions=col([s.start_pos for s in chosen]),
-            window_slots=col([s.window_slot for s in chosen]),
-            state_slots=col([s.state_slot for s in chosen]) if chosen[0].state_slot is not None else None,
-            c4_tables=table("c4_blocks"),
-            c128_tables=table("c128_blocks"),
-        )
+    def of(cls, starts: list[int], ends: list[int], ratio: int, device) -> "CompressPlan":
+        seq, window, valid = [], [], []
+        for b, (s, e) in enumerate(zip(starts, ends)):
+            first, last = s // ratio, (e - 1) // ratio
+            seq += [b] * (last - first + 1)
+            window += range(first, last + 1)
+            valid += [(w + 1) * ratio <= e for w in range(first, last + 1)]
+        return cls(_long(seq, device), _long(window, device), torch.tensor(valid, dtype=torch.bool, device=device))
 
 
 @dataclass
 class ForwardBatch:
-    input_ids: torch.Tensor  # [T] long
-    positions: torch.Tensor  # [T] long
-    seqs: list[SeqView]
-    # Rows whose next-token logits are wanted (the last fed token of sampling sequences).
-    logits_rows: list[int] = field(default_factory=list)
-
-    # Sequences feeding one token each; built once per batch, shared by every layer.
-    decode: DecodeGroup | None = None
-    batched_decode: bool = True
-
-    def __post_init__(self) -> None:
-        if self.batched_decode and self.decode is None:
-            self.decode = DecodeGroup.of(self.seqs, self.input_ids.device)
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    seq_ids: torch.Tensor  # [T] which sequence each row belongs to
+    cu_seqlens: torch.Tensor  # [B + 1] first row of each sequence (and T)
+    start_pos: torch.Tensor  # [B] tokens already cached
+    end_pos: torch.Tensor  # [B] tokens cached after this step
+    window_slots: torch.Tensor  # [B]
+    state_slots: torch.Tensor  # [B] (NO_SLOT without compressed layers)
+    c4_tables: torch.Tensor  # [B, n4] block ids, padded with NO_SLOT
+    c128_tables: torch.Tensor  # [B, n128]
+    logits_rows: torch.Tensor  # [R] rows whose next-token logits are wanted
+    plans: dict[int, CompressPlan]  # ratio -> entries this step may complete
+    max_end_pos: int  # host-side bound: longest sequence after this step (sizes the loops)
+    seqs: list[SeqView] | None = None  # the host views it was built from (for tools; the model never reads them)
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
-    @property
-    def loop_seqs(self) -> list[SeqView]:
-        """Sequences the per-sequence path handles (everything not in the decode group)."""
-        if self.decode is None:
-            return self.seqs
-        in_group = set(self.decode.seq_index)
-        return [s for i, s in enumerate(self.seqs) if i not in in_group]
+    def tables(self, ratio: int) -> torch.Tensor:
+        return self.c4_tables if ratio == CSA_RATIO else self.c128_tables
+
+    def max_entries(self, ratio: int) -> int:
+        """Most compressed entries any sequence of the batch can see at ``ratio``."""
+        return self.max_end_pos // ratio
+
+    def newest_rows(self, span: int) -> torch.Tensor:
+        """[T] bool: the row is among the last ``span`` positions of its sequence after this step
+        (what a ring of ``span`` rows must keep)."""
+        return self.positions >= (self.end_pos - span)[self.seq_ids]
 
     @classmethod
     def build(cls, token_lists: list[list[int]], seqs: list[SeqView], logits_rows: list[int],
               device: torch.device | str = "cpu") -> "ForwardBatch":
+        """From host lists: token ids per sequence, their views, and the rows to sample."""
         ids = [t for toks in token_lists for t in toks]
         pos = [s.start_pos + i for s in seqs for i in range(s.num_tokens)]
+        seq_ids = [b for b, s in enumerate(seqs) for _ in range(s.num_tokens)]
+        starts, ends = [s.start_pos for s in seqs], [s.end_pos for s in seqs]
+        cu = [0]
+        for toks in token_lists:
+            cu.append(cu[-1] + len(toks))
         return cls(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            positions=torch.tensor(pos, dtype=torch.long, device=device),
+            input_ids=_long(ids, device),
+            positions=_long(pos, device),
+            seq_ids=_long(seq_ids, device),
+            cu_seqlens=_long(cu, device),
+            start_pos=_long(starts, device),
+            end_pos=_long(ends, device),
+            window_slots=_long([s.window_slot for s in seqs], device),
+            state_slots=_long([NO_SLOT if s.state_slot is None else s.state_slot for s in seqs], device),
+            c4_tables=block_table([s.c4_blocks for s in seqs], device),
+            c128_tables=block_table([s.c128_blocks for s in seqs], device),
+            logits_rows=_long(logits_rows, device),
+            plans={m: CompressPlan.of(starts, ends, m, device) for m in (CSA_RATIO, HCA_RATIO)},
+            max_end_pos=max(ends, default=0),
             seqs=seqs,
-            logits_rows=logits_rows,
         )
+
+
+def block_table(rows: list[list[int]], device, width: int | None = None) -> torch.Tensor:
+    """``[B, width]`` long, each row padded with NO_SLOT (the padding block)."""
+    width = max(1, max((len(r) for r in rows), default=1)) if width is None else width
+    return _long([list(r) + [NO_SLOT] * (width - len(r)) for r in rows], device).view(len(rows), width)
+
+
+def _long(values, device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)

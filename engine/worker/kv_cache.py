@@ -3,8 +3,7 @@ pure-Python ``KVCacheManager``; this module only holds storage and performs copi
 
 Pools (docs/ARCHITECTURE.md):
 - window: per layer ``[slots, W, head_dim]`` ring, position p at ``p % W``
-- state:  per compressor ``kv``/``score`` ``[slots, S, coff*d]`` fp32, S = 2m with overlap
-          (rows [0, m) = previous window's A-half, rows [m, 2m) = current window) else m
+- state:  per compressor ``kv``/``score`` ring ``[slots, S, coff*d]`` fp32 (see below)
 - c4:     per CSA layer entries ``[blocks, E4, head_dim]`` and indexer keys ``[blocks, E4, idx_dim]``
 - c128:   per HCA layer entries ``[blocks, E128, head_dim]``
 
@@ -18,6 +17,15 @@ Pools (docs/ARCHITECTURE.md):
 
 Nothing is reset between sequences: a sequence starting at position 0 never reads state or
 window rows it did not write itself (validity derives from positions).
+
+Every pool has one extra row at the end, the padding row, addressed as ``-1``: batched writes
+that must not land (tokens outside a ring's span, entries that do not complete, padded decode
+rows) go there, and padded block-table columns read from it (always masked). ``nbytes`` and
+prefix-cache copies only see the real rows.
+
+The state ring: compressor ``kv``/``score`` ``[slots, S, coff*d]`` fp32 with position p at row
+``p % S``; S = 2m with overlap (the window in progress and the one before it, whose A-half the
+next entry pools) else m.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ KV_CACHE_DTYPES = ("auto", "fp8")
 FP8_SCALE_BLOCK = 64  # nope dims per e8m0 scale in an FP8 entry
 FP4_SCALE_BLOCK = 32  # indexer-key dims per e8m0 scale
 RECORD_ALIGN = 8  # FlashMLA pads each FP8 entry to a multiple of 8 bytes
+PAD_ROWS = 1  # the padding row at the end of every pool (address -1)
 
 
 @dataclass(frozen=True)
@@ -130,8 +139,8 @@ class CompressorState:
 
     def __init__(self, slots: int, ratio: int, overlap: bool, width: int, device):
         rows = 2 * ratio if overlap else ratio
-        self.kv = torch.zeros(slots, rows, width, dtype=torch.float32, device=device)
-        self.score = torch.full((slots, rows, width), float("-inf"), dtype=torch.float32, device=device)
+        self.kv = torch.zeros(slots + PAD_ROWS, rows, width, dtype=torch.float32, device=device)
+        self.score = torch.zeros(slots + PAD_ROWS, rows, width, dtype=torch.float32, device=device)
 
     def copy_(self, src: int, dst: int) -> None:
         self.kv[dst].copy_(self.kv[src])
@@ -155,7 +164,7 @@ class KVCache:
             _check_fp8_dims(cfg)
             self.entry_codec, self.index_codec = Fp8EntryCodec(d, cfg.rope_dim), Fp4IndexKeyCodec(di)
             d, di, store_dtype = self.entry_codec.nbytes, self.index_codec.nbytes, torch.uint8
-        self.window = [torch.zeros(shape.num_window_slots, W, d, dtype=store_dtype, device=device)
+        self.window = [torch.zeros(shape.num_window_slots + PAD_ROWS, W, d, dtype=store_dtype, device=device)
                        for _ in range(cfg.num_layers)]
         self.state: dict[tuple[int, str], CompressorState] = {}
         self.c4_kv: dict[int, torch.Tensor] = {}
@@ -168,14 +177,14 @@ class KVCache:
                                                               2 * cfg.head_dim, device)
                 self.state[(layer, "index")] = CompressorState(shape.num_state_slots, ratio, True,
                                                                2 * cfg.index_head_dim, device)
-                self.c4_kv[layer] = torch.zeros(shape.num_c4_blocks, shape.c4_entries, d, dtype=store_dtype,
+                self.c4_kv[layer] = torch.zeros(shape.num_c4_blocks + PAD_ROWS, shape.c4_entries, d, dtype=store_dtype,
                                                 device=device)
-                self.c4_idx[layer] = torch.zeros(shape.num_c4_blocks, shape.c4_entries, di, dtype=store_dtype,
+                self.c4_idx[layer] = torch.zeros(shape.num_c4_blocks + PAD_ROWS, shape.c4_entries, di, dtype=store_dtype,
                                                  device=device)
             elif ratio == HCA_RATIO:
                 self.state[(layer, "main")] = CompressorState(shape.num_state_slots, ratio, False,
                                                               cfg.head_dim, device)
-                self.c128_kv[layer] = torch.zeros(shape.num_c128_blocks, shape.c128_entries, d,
+                self.c128_kv[layer] = torch.zeros(shape.num_c128_blocks + PAD_ROWS, shape.c128_entries, d,
                                                   dtype=store_dtype, device=device)
 
     # ---- storage-format hooks (identity for kv_cache_dtype="auto") ----------------------
@@ -199,43 +208,41 @@ class KVCache:
         return self.entry_codec.decode(rows, self.dtype)
 
     def write_window(self, layer: int, slot: int, positions: torch.Tensor, values: torch.Tensor) -> None:
-        ring = self.window[layer][slot]
-        if self.entry_codec is not None:
-            ring[positions % self.cfg.sliding_window] = self.entry_codec.encode(values)
-            return
-        ring[positions % self.cfg.sliding_window] = values.to(ring.dtype)
-
-    def write_window_batch(self, layer: int, slots: torch.Tensor, positions: torch.Tensor,
-                           values: torch.Tensor) -> None:
-        """One token per sequence: ``values[b]`` at position ``positions[b]`` of ring ``slots[b]``."""
         ring = self.window[layer]
-        rows = positions % self.cfg.sliding_window
-        ring[slots, rows] = self.entry_codec.encode(values) if self.entry_codec is not None else values.to(ring.dtype)
+        ring[slot, positions % self.cfg.sliding_window] = self._encode(ring, values)
 
-    def read_rings(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        """Whole rings ``[B, W, head_dim]`` (slot j holds the newest position ≡ j mod W)."""
-        rings = self.window[layer][slots]
-        return rings if self.entry_codec is None else self.entry_codec.decode(rings, self.dtype)
+    def gather_window(self, layer: int, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Ring rows of ``positions [Q, K]`` in rings ``slots [Q]``: ``[Q, K, head_dim]`` (model dtype)."""
+        rows = self.window[layer][slots[:, None], positions % self.cfg.sliding_window]
+        return rows if self.entry_codec is None else self.entry_codec.decode(rows, self.dtype)
+
+    def store_window(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Token t into ring ``slots[t]`` at ``positions[t] % W`` (slot -1: dropped)."""
+        ring = self.window[layer]
+        ring[slots, positions % self.cfg.sliding_window] = self._encode(ring, values)
 
     # ---- compressed entries: block-table addressing ----------------------------------
-    def write_entries_batch(self, pool: torch.Tensor, tables: torch.Tensor, entry: torch.Tensor,
-                            values: torch.Tensor) -> None:
-        """Entry ``entry[b]`` of sequence b (block table row ``tables[b]``) := ``values[b]``."""
-        if values.shape[0] == 0:
-            return
+    def gather_entries(self, pool: torch.Tensor, tables: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+        """Entries ``entries [Q, K]`` of the sequences whose block tables are ``tables [Q, nb]``:
+        ``[Q, K, dim]`` in the model dtype (indexer keys come back Hadamard-rotated under fp8)."""
         E = pool.shape[1]
-        blocks = tables.gather(1, (entry // E)[:, None]).squeeze(1)
-        codec = self._codec_for(pool)
-        pool[blocks, entry % E] = codec.encode(values) if codec is not None else values.to(pool.dtype)
-
-    def gather_entries(self, pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-        """Every row of every block in ``tables [B, nb]``: ``[B, nb*E, dim]`` in the model dtype."""
-        rows = pool[tables].flatten(1, 2)
+        blocks = tables.gather(1, entries // E)
+        rows = pool[blocks, entries % E]
         codec = self._codec_for(pool)
         return rows if codec is None else codec.decode(rows, self.dtype)
 
-    def entries_per_block(self, ratio: int) -> int:
-        return self.shape.c4_entries if ratio == CSA_RATIO else self.shape.c128_entries
+    def store_entries(self, pool: torch.Tensor, tables: torch.Tensor, entries: torch.Tensor, valid: torch.Tensor,
+                      values: torch.Tensor) -> None:
+        """Entry ``entries[i]`` of the sequence with block table ``tables[i]`` := ``values[i]``
+        where ``valid[i]`` (the others go to the padding row)."""
+        E = pool.shape[1]
+        col = (entries // E).clamp(max=tables.shape[1] - 1)[:, None]
+        blocks = torch.where(valid, tables.gather(1, col).squeeze(1), -1)
+        pool[blocks, entries % E] = self._encode(pool, values)
+
+    def _encode(self, pool: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        codec = self._codec_for(pool)
+        return codec.encode(values) if codec is not None else values.to(pool.dtype)
 
     def write_entries(self, pool: torch.Tensor, blocks: list[int], first: int, values: torch.Tensor) -> None:
         """Store entries ``first .. first+len(values)-1`` of a sequence into its blocks."""
@@ -244,31 +251,16 @@ class KVCache:
         E = pool.shape[1]
         idx = torch.arange(first, first + values.shape[0], device=pool.device)
         block_ids = torch.tensor(blocks, dtype=torch.long, device=pool.device)[idx // E]
-        codec = self._codec_for(pool)
-        if codec is not None:
-            pool[block_ids, idx % E] = codec.encode(values)
-            return
-        pool[block_ids, idx % E] = values.to(pool.dtype)
+        pool[block_ids, idx % E] = self._encode(pool, values)
 
     def read_entries(self, pool: torch.Tensor, blocks: list[int], count: int) -> torch.Tensor:
         """Entries ``0 .. count-1`` of a sequence, ``[count, dim]`` (fp8: dequantised to the model
         dtype; indexer keys come back Hadamard-rotated)."""
-        codec = self._codec_for(pool)
-        if codec is not None:
-            packed = self._read_rows(pool, blocks, count)
-            return codec.decode(packed, self.dtype)
-        E = pool.shape[1]
-        n_blocks = -(-count // E)
-        if count == 0:
-            return pool.new_zeros(0, pool.shape[-1])
-        ids = torch.tensor(blocks[:n_blocks], dtype=torch.long, device=pool.device)
-        return pool[ids].reshape(-1, pool.shape[-1])[:count]
-
-    @staticmethod
-    def _read_rows(pool: torch.Tensor, blocks: list[int], count: int) -> torch.Tensor:
         E = pool.shape[1]
         ids = torch.tensor(blocks[:-(-count // E)], dtype=torch.long, device=pool.device)
-        return pool[ids].reshape(-1, pool.shape[-1])[:count]
+        rows = pool[ids].reshape(-1, pool.shape[-1])[:count]
+        codec = self._codec_for(pool)
+        return rows if codec is None else codec.decode(rows, self.dtype)
 
     def _codec_for(self, pool: torch.Tensor) -> Fp8EntryCodec | Fp4IndexKeyCodec | None:
         """The packed format of ``pool`` (None for auto). Indexer-key pools are told apart by
@@ -300,8 +292,8 @@ class KVCache:
 
     def nbytes(self) -> dict[str, int]:
         """Real bytes held per pool (packed records for fp8)."""
-        def size(ts):
-            return sum(t.numel() * t.element_size() for t in ts)
+        def size(ts):  # the padding row is not capacity
+            return sum(t[:-PAD_ROWS].numel() * t.element_size() for t in ts)
 
         return {
             "window": size(self.window),
