@@ -1,8 +1,8 @@
-"""Incremental detokenization and stop strings: token ids → stable text deltas.
+"""Incremental detokenization: token ids → stable text deltas.
 
 `IncrementalDetokenizer` turns a growing list of generated ids into text deltas without ever
-emitting half a UTF-8 character. `StopChecker` finds stop strings across delta boundaries and
-holds back only text that could still become one. Neither knows about the model or the wire.
+emitting half a UTF-8 character. It knows nothing about the model, stopping or the wire (stop
+strings: engine/core/stopping.py).
 """
 
 from __future__ import annotations
@@ -82,65 +82,3 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
-
-
-class StopChecker:
-    """Finds the first stop string in a stream of text deltas.
-
-    The match that completes earliest in the stream wins (at equal end, the longer one), so the
-    result does not depend on how the text was split into deltas. Only the longest suffix that
-    is a proper prefix of some stop string is held back; the caller gets it from `flush()`.
-    """
-
-    def __init__(self, stop: list[str] | str, include_stop_str_in_output: bool = False) -> None:
-        stop = [stop] if isinstance(stop, str) else list(stop)
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
-        self._stops = stop
-        self._include_stop_str = include_stop_str_in_output
-        self._proper_prefixes = {s[:n] for s in stop for n in range(1, len(s))}
-        self._max_holdback = max((len(s) for s in stop), default=1) - 1
-        self._pending = ""
-        self.matched: str | None = None
-
-    @property
-    def stopped(self) -> bool:
-        return self.matched is not None
-
-    def feed(self, new_text: str) -> tuple[str, bool, str | None]:
-        """Returns (text to emit, stopped, matched stop string). After a stop, emits nothing."""
-        if self.stopped:
-            return "", True, self.matched
-        text = self._pending + new_text
-        match = self._first_match(text)
-        if match is not None:
-            start, stop_str = match
-            self._pending = ""
-            self.matched = stop_str
-            end = start + len(stop_str) if self._include_stop_str else start
-            return text[:end], True, stop_str
-        keep = self._holdback_length(text)
-        self._pending = text[len(text) - keep:]
-        return text[:len(text) - keep], False, None
-
-    def flush(self) -> str:
-        """End of generation without a stop: releases the held-back text."""
-        released, self._pending = self._pending, ""
-        return released
-
-    def _first_match(self, text: str) -> tuple[int, str] | None:
-        best: tuple[int, int, str] | None = None   # (end, start, stop string)
-        for stop_str in self._stops:
-            start = text.find(stop_str)
-            if start < 0:
-                continue
-            candidate = (start + len(stop_str), start, stop_str)
-            if best is None or candidate[:2] < best[:2]:
-                best = candidate
-        return None if best is None else (best[1], best[2])
-
-    def _holdback_length(self, text: str) -> int:
-        for length in range(min(len(text), self._max_holdback), 0, -1):
-            if text[-length:] in self._proper_prefixes:
-                return length
-        return 0

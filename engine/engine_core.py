@@ -15,7 +15,7 @@ import torch
 from engine.core.cache_layout import CacheLayout, CachePool
 from engine.model.config import ModelConfig
 from engine.default_model import default_model_dir
-from engine.detokenizer import IncrementalDetokenizer, StopChecker
+from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_config import EngineConfig
 from engine.worker.kv_cache import CacheShape
 from engine.core.kv_cache_manager import KVCacheManager
@@ -23,6 +23,7 @@ from engine.outputs import RequestMetrics, RequestOutput, StepStats, TokenLogpro
 from engine.core.request import CacheHints, Request
 from engine.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerConfig
+from engine.core.stopping import StopChecker
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -174,15 +175,11 @@ class EngineCore:
             if finished and detok:
                 text += detok.flush()
             if text_state.stop is not None:
-                emit, stopped, matched = text_state.stop.feed(text)
-                if stopped and not finished:
-                    self.scheduler.finish_request(delta.request_id, "stop", matched)
+                text, matched = text_state.stop.cut(text, finished)
+                if matched is not None:  # the stop string is the reason even if a token rule also hit
+                    if not finished:
+                        self.scheduler.finish_request(delta.request_id, "stop", matched)
                     finished, reason, stop_reason = True, "stop", matched
-                elif stopped:
-                    reason, stop_reason = "stop", matched
-                if finished and not stopped:
-                    emit += text_state.stop.flush()
-                text = emit
             logprobs = None
             if text_state.wants_logprobs and delta.request_id in sampled:
                 s = sampled[delta.request_id]

@@ -7,7 +7,8 @@ import random
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engine.detokenizer import IncrementalDetokenizer, StopChecker
+from engine.core.stopping import StopChecker
+from engine.detokenizer import IncrementalDetokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
 TRAINING_TEXT = [
@@ -269,3 +270,12 @@ def test_detokenizer_and_stop_checker_together(tokenizer):
             break
     assert stopped and matched == "🙂"
     assert "".join(emitted) == "héllo 世界 "
+
+
+def test_cut_releases_held_back_text_only_when_the_request_ends_without_a_stop():
+    checker = StopChecker(["</end>"])
+    assert checker.cut("abc</e", finished=False) == ("abc", None)  # "</e" may still become the stop
+    assert checker.cut("x", finished=True) == ("</ex", None)
+    stopping = StopChecker(["</end>"])
+    assert stopping.cut("abc</e", finished=False) == ("abc", None)
+    assert stopping.cut("nd> more", finished=True) == ("", "</end>")  # the stop wins over the other reason

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from engine.core.kv_cache_manager import BlockTable, CacheCopy, KVCacheManager
 from engine.core.prefix_cache import MissReason
 from engine.core.request import FinishReason, Request, RequestStatus
+from engine.core.stopping import token_stop
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ class Scheduler:
             request.output_token_ids.append(token)
             if request.first_token_time is None:
                 request.first_token_time = now
-            status, stop_reason = self._check_stop(request, token)
+            status, stop_reason = token_stop(request, token, self.config.max_model_len)
             if status is None:
                 deltas.append(RequestDelta(request.request_id, [token], False))
                 continue
@@ -374,22 +375,6 @@ class Scheduler:
         plan.budget -= num_tokens
 
     # ---- finishing ------------------------------------------------------------------------------
-
-    def _check_stop(self, request: Request, token: int) -> tuple[RequestStatus | None, int | None]:
-        params = request.sampling_params
-        num_output = request.num_output_tokens
-        if num_output >= (getattr(params, "min_tokens", 0) or 0):
-            if token == request.eos_token_id and not getattr(params, "ignore_eos", False):
-                return RequestStatus.FINISHED_STOPPED, None
-            if token in (getattr(params, "stop_token_ids", None) or ()):
-                return RequestStatus.FINISHED_STOPPED, token
-        max_tokens = getattr(params, "max_tokens", None)
-        if max_tokens is not None and num_output >= max_tokens:
-            return RequestStatus.FINISHED_LENGTH, None
-        max_len = self.config.max_model_len
-        if max_len is not None and request.num_tokens >= max_len:
-            return RequestStatus.FINISHED_LENGTH, None
-        return None, None
 
     def _finish(self, request: Request, status: RequestStatus, stop_reason, cache_output: bool) -> None:
         if request in self.running:
