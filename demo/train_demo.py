@@ -37,7 +37,8 @@ from engine.model.loader import expected_tensors
 from engine.tiny.make_tiny import quantize_official, random_official_tensors, save_safetensors, tiny_config
 from engine.model.deepseek_v4 import DeepseekV4
 from engine.model.quant import fp8_block_dequantize, fp8_block_quantize, mxfp4_dequantize, mxfp4_quantize
-from engine.tokenizer import DEEPSEEK_SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from engine.tiny.tokenizer_train import DEEPSEEK_SPECIAL_TOKENS, train_tokenizer
+from engine.tokenizer import Tokenizer
 
 # All three attention types (0 sliding, 4 CSA, 128 HCA) and both MoE kinds (2 hash layers).
 DEMO_SHAPE = dict(

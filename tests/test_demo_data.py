@@ -4,7 +4,7 @@ import random
 import pytest
 
 from demo.demo_data import KINDS, TOOLS, conversations, eval_conversations, make_conversation, tokenize
-from engine.tokenizer import DEEPSEEK_SPECIAL_TOKENS, train_tokenizer
+from engine.tiny.tokenizer_train import DEEPSEEK_SPECIAL_TOKENS, train_tokenizer
 from server.chat_template import EOS, THINK_END, THINK_START
 from server.parsers import OutputParser, validate_tool_arguments
 

@@ -8,7 +8,8 @@ import tokenizers
 from tokenizers import pre_tokenizers
 
 from engine.tiny.corpus import tiny_corpus
-from engine.tokenizer import DEEPSEEK_SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from engine.tiny.tokenizer_train import DEEPSEEK_SPECIAL_TOKENS, train_tokenizer
+from engine.tokenizer import Tokenizer
 
 VOCAB_SIZE = 1024
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"

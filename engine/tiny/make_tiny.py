@@ -164,7 +164,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_b
 def make_tiny(out_dir: str, seed: int = 0, vocab_size: int = 1024, shards: int = 1, **overrides) -> ModelConfig:
     """Write a tiny official-layout checkpoint with its tokenizer; returns its config."""
     from engine.tiny.corpus import tiny_corpus
-    from engine.tokenizer import DEEPSEEK_SPECIAL_TOKENS, train_tokenizer
+    from engine.tiny.tokenizer_train import DEEPSEEK_SPECIAL_TOKENS, train_tokenizer
 
     os.makedirs(out_dir, exist_ok=True)
     tok = train_tokenizer(tiny_corpus(seed), out_dir, vocab_size=vocab_size, special_tokens=DEEPSEEK_SPECIAL_TOKENS)
