@@ -100,10 +100,6 @@ class BlockPool:
         """The in-use block registered under `key`, if any."""
         return self._hash_to_block.get(key)
 
-    @property
-    def num_registered(self) -> int:
-        return len(self._hash_to_block)
-
     # ---- invariants ---------------------------------------------------------------------
 
     def check_integrity(self) -> None:

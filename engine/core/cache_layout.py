@@ -257,7 +257,3 @@ class CacheLayout:
             + self.c4_blocks_for(num_tokens) * self.c4_block_bytes
             + self.c128_blocks_for(num_tokens) * self.c128_block_bytes
         )
-
-    def uncompressed_bytes_per_token(self) -> int:
-        """A plain MQA cache (one head_dim vector per layer per token), for comparison."""
-        return self.num_layers * self.entry_bytes

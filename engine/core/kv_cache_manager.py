@@ -241,9 +241,6 @@ class KVCacheManager:
     def can_fit_alone(self, num_tokens: int) -> bool:
         return num_tokens <= self.max_num_tokens
 
-    def has_request(self, request_id: str) -> bool:
-        return request_id in self._tables
-
     def block_table(self, request_id: str) -> BlockTable:
         """A copy of a live request's table (the runner keeps its own mirror)."""
         if request_id not in self._tables:
