@@ -1,5 +1,6 @@
 """AsyncEngine: the server-facing engine. The step loop runs in a background thread; each
-request gets an asyncio queue of ``RequestOutput`` deltas.
+request's ``RequestOutput`` deltas are handed to a sink on the caller's event loop (``submit``;
+``generate`` wraps one in an async iterator).
 
 Only the loop thread touches the ``EngineCore``: ``generate`` and ``abort`` post commands to a
 thread-safe inbox that the loop drains between steps, so aborts land at step boundaries and
@@ -32,6 +33,8 @@ class EngineDead(RuntimeError):
 
 
 StepListener = Callable[[StepStats], None]
+# Gets every output of one request, then a finished one or an exception (the last call).
+OutputSink = Callable[["RequestOutput | BaseException"], None]
 
 
 class AsyncEngine:
@@ -48,7 +51,7 @@ class AsyncEngine:
         self.core = core
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, OutputSink]] = {}  # unfinished requests
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -112,8 +115,12 @@ class AsyncEngine:
         self._step_listeners = [*self._step_listeners, listener]  # copy: the loop may be iterating
 
     # ---- requests ------------------------------------------------------------------------
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       cache_salt: str = "", cache_hints: CacheHints | None = None) -> AsyncIterator[RequestOutput]:
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: OutputSink,
+               cache_salt: str = "", cache_hints: CacheHints | None = None) -> None:
+        """Start a request: the loop thread hands each output straight to ``sink`` on the calling
+        event loop (``call_soon_threadsafe``), no queue or task in between; the last call gets
+        a finished output or the exception that ended the request. Raises EngineDead,
+        EngineOverloaded or ValueError at once when the request cannot be accepted."""
         if self.fatal_error is not None:
             raise EngineDead(self.fatal_error)
         if self._stopping:
@@ -127,10 +134,15 @@ class AsyncEngine:
             waiting = self.core.last_step_stats.num_waiting + self._inbox.qsize()
             if waiting >= self.max_queue:
                 raise EngineOverloaded(f"too many queued requests ({waiting}); retry later")
-            q: asyncio.Queue = asyncio.Queue()
-            self._streams[request_id] = (asyncio.get_running_loop(), q)
+            self._streams[request_id] = (asyncio.get_running_loop(), sink)
         self._inbox.put(("add", request_id, list(prompt_ids), params, cache_salt, cache_hints, time.monotonic()))
         self._wake.set()
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       cache_salt: str = "", cache_hints: CacheHints | None = None) -> AsyncIterator[RequestOutput]:
+        """``submit`` as an async iterator of the request's outputs; leaving early aborts it."""
+        q: asyncio.Queue = asyncio.Queue()
+        self.submit(request_id, prompt_ids, params, q.put_nowait, cache_salt, cache_hints)
         finished = False
         try:
             while True:
@@ -145,8 +157,6 @@ class AsyncEngine:
         finally:
             if not finished:  # the consumer went away (client disconnect, cancellation)
                 self.abort(request_id)
-            with self._lock:
-                self._streams.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -205,12 +215,13 @@ class AsyncEngine:
                 self.core.abort(cmd[1])
 
     def _deliver(self, request_id: str, item) -> None:
+        last = isinstance(item, BaseException) or item.finished
         with self._lock:
-            target = self._streams.get(request_id)
+            target = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
         if target is not None:
-            loop, q = target
+            loop, sink = target
             try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
+                loop.call_soon_threadsafe(sink, item)
             except RuntimeError:  # the client's loop is closed
                 pass
 

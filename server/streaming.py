@@ -1,7 +1,8 @@
 """Driving engine requests for one API request, and putting the result on the wire.
 
-`EngineJob` submits one engine request per choice (`<id>-<i>`), fans their `RequestOutput`s
-into one stream, and aborts whatever is unfinished when closed (client gone, error, done).
+`EngineJob` submits one engine request per choice (`<id>-<i>`); the engine thread puts their
+`RequestOutput`s straight into the job's one queue (`AsyncEngine.submit`), and the job aborts
+whatever is unfinished when closed (client gone, error, done).
 `sse_response` frames chunks as SSE (`data: <json>`, `data: [DONE]`) with `: keep-alive`
 comments while the request waits; `json_response` returns a plain JSON body, or — when the
 request is still waiting after one keep-alive interval — commits a 200 and writes blank lines
@@ -12,6 +13,7 @@ disconnect closes the job, which aborts the engine requests and frees their KV c
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -79,23 +81,20 @@ class EngineJob:
         self.request_ids = request_ids
         self.progress = [ChoiceProgress() for _ in request_ids]
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._tasks = [asyncio.create_task(self._pump(i, rid, prompt_ids, params, cache_salt, cache_hints))
-                       for i, (rid, params) in enumerate(zip(request_ids, params_list))]
         self._closed = False
+        for index, (rid, params) in enumerate(zip(request_ids, params_list)):
+            try:
+                engine.submit(rid, prompt_ids, params, functools.partial(self._put, index), cache_salt=cache_salt,
+                              cache_hints=cache_hints)
+            except Exception as exc:  # handed to the consumer, which owns the error policy
+                self._put(index, exc)
 
     @property
     def is_done(self) -> bool:
         return all(p.finished for p in self.progress)
 
-    async def _pump(self, index: int, request_id: str, prompt_ids, params, cache_salt, cache_hints) -> None:
-        try:
-            async for out in self._engine.generate(request_id, prompt_ids, params, cache_salt=cache_salt,
-                                                   cache_hints=cache_hints):
-                self._queue.put_nowait((index, out))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # handed to the consumer, which owns the error policy
-            self._queue.put_nowait((index, exc))
+    def _put(self, index: int, item) -> None:
+        self._queue.put_nowait((index, item))
 
     async def next(self, timeout: float | None = None):
         """The next `(choice_index, RequestOutput)`, or TIMEOUT. Engine errors are raised here:
@@ -126,10 +125,9 @@ class EngineJob:
         if self._closed:
             return
         self._closed = True
-        for rid, progress, task in zip(self.request_ids, self.progress, self._tasks):
+        for rid, progress in zip(self.request_ids, self.progress):
             if not progress.finished:
                 self._engine.abort(rid)
-            task.cancel()
         self._queue.put_nowait(_CLOSED)
 
 
