@@ -7,7 +7,11 @@ fields that are policy rather than rendering (model aliases, effort aliases such
 `medium`, the `/beta` check for `prefix`) are resolved by the caller.
 
 Policies where the reference is silent or the public API differs:
-- `developer` messages are rendered as `system` (the public API has no developer role).
+- `developer` messages render as the reference renders them (`<｜User｜>` + content, dropped
+  before the last user turn when old reasoning is dropped); the chat endpoint maps them to
+  `system` first because the public API has no developer role.
+- Quick-instruction `task` keys follow the reference (task token after the turn; `action`
+  opens the assistant turn first); the chat endpoint strips them (internal feature).
 - `content` may be a list of parts: text parts are joined with "\n\n" (the encoder's own
   block separator); any other part type is rejected (V4 is text-only). Tool results keep
   the reference rule: non-text parts render as `[Unsupported {type}]`.
@@ -16,10 +20,15 @@ Policies where the reference is silent or the public API differs:
 - `reasoning_effort` None means the encoder default. On the preview table `low` is treated
   as that default (no prefix) because the preview encoder has no lower tier.
 - Tool-call `arguments` that are valid JSON but not an object, like non-JSON text, become a
-  single `arguments` parameter holding the raw string; an already-decoded dict is accepted.
+  single `arguments` parameter holding the raw string; an already-decoded dict is accepted;
+  `null` renders as the reference renders it: one `arguments` parameter, `string="false"`,
+  value `null`. A `tool` message may omit `tool_call_id` (the reference allows it).
+- Control tokens come only from the encoder: `render_messages` returns pieces where the
+  encoder's own tokens are `Control` strings; client text (any role, tool schemas, call
+  arguments) is plain, so `Tokenizer.encode_prompt` never maps it to control ids.
 - A `prefix` assistant turn in thinking mode whose content is empty and which has no tool
   calls leaves `<think>` open, so the model continues the given reasoning.
-- `task` and other internal message keys are ignored.
+- Other internal message keys (`mask`, `wo_eos`, ...) are ignored.
 """
 
 from __future__ import annotations
@@ -28,15 +37,23 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-PAD = "<｜▁pad▁｜>"
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-THINK_START = "<think>"
-THINK_END = "</think>"
-DSML = "｜DSML｜"
-LATEST_REMINDER = "<｜latest_reminder｜>"
+
+
+class Control(str):
+    """A control token emitted by the encoder: it becomes its single id, never client text."""
+
+
+BOS = Control("<｜begin▁of▁sentence｜>")
+EOS = Control("<｜end▁of▁sentence｜>")
+PAD = Control("<｜▁pad▁｜>")
+USER = Control("<｜User｜>")
+ASSISTANT = Control("<｜Assistant｜>")
+THINK_START = Control("<think>")
+THINK_END = Control("</think>")
+DSML = Control("｜DSML｜")
+LATEST_REMINDER = Control("<｜latest_reminder｜>")
+TASK_TOKENS = {name: Control(f"<｜{name}｜>")
+               for name in ("action", "query", "authority", "domain", "title", "read_url")}
 TOOL_CALLS_OPEN = f"<{DSML}tool_calls>"
 TOOL_CALLS_CLOSE = f"</{DSML}tool_calls>"
 INVOKE_OPEN = f"<{DSML}invoke"
@@ -110,7 +127,7 @@ class ChatTemplateError(ValueError):
 class _ToolCall:
     id: str
     name: str
-    arguments: str | dict
+    arguments: str | dict | None
 
 
 @dataclass
@@ -124,7 +141,8 @@ class _Block:
 
 @dataclass
 class _Turn:
-    """A message after validation and merging; roles: system, user, assistant, latest_reminder."""
+    """A message after validation and merging; roles: system, developer, user, assistant,
+    latest_reminder."""
 
     role: str
     text: str = ""
@@ -132,6 +150,7 @@ class _Turn:
     reasoning: str | None = None
     tool_calls: list[_ToolCall] = field(default_factory=list)
     is_prefix: bool = False
+    task: str | None = None
     tools: list[dict] | None = None
     response_format: dict | None = None
 
@@ -202,7 +221,7 @@ def _parse_tool_calls(raw: Any, where: str) -> list[_ToolCall]:
         if not isinstance(name, str) or not name:
             raise ChatTemplateError(f"{at}.function.name is required", f"{at}.function.name")
         arguments = function.get("arguments")
-        if not isinstance(arguments, (str, dict)):
+        if arguments is not None and not isinstance(arguments, (str, dict)):
             raise ChatTemplateError(
                 f"{at}.function.arguments must be a JSON string", f"{at}.function.arguments")
         call_id = call.get("id") or ""
@@ -224,10 +243,13 @@ def _validate_message(i: int, msg: Any, *, thinking: bool, is_last: bool) -> dic
         raise ChatTemplateError(
             f"{where}.prefix is only allowed on the last message, which must be an assistant message",
             f"{where}.prefix")
-    if role in ("user", "tool", "latest_reminder") and msg.get("content") is None:
+    if role in ("user", "tool", "latest_reminder", "developer") and msg.get("content") is None:
         raise ChatTemplateError(f"{where}.content is required", f"{where}.content")
-    if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
-        raise ChatTemplateError(f"{where}.tool_call_id is required", f"{where}.tool_call_id")
+    if role == "tool" and not isinstance(msg.get("tool_call_id", ""), str):
+        raise ChatTemplateError(f"{where}.tool_call_id must be a string", f"{where}.tool_call_id")
+    task = msg.get("task")
+    if task is not None and task not in TASK_TOKENS:
+        raise ChatTemplateError(f"{where}.task must be one of {sorted(TASK_TOKENS)}, got {task!r}", f"{where}.task")
     if role == "assistant":
         reasoning = msg.get("reasoning_content")
         if reasoning is not None and not isinstance(reasoning, str):
@@ -239,21 +261,21 @@ def _validate_message(i: int, msg: Any, *, thinking: bool, is_last: bool) -> dic
                 "The `reasoning_content` in the thinking mode must be passed back to the API "
                 f"({where}.reasoning_content is required for assistant tool-call turns in "
                 "thinking mode)", f"{where}.reasoning_content")
-    return {**msg, "role": "system" if role == "developer" else role}
+    return msg
 
 
-def _validate_tools(tools: Any) -> list[dict]:
+def _validate_tools(tools: Any, where: str = "tools") -> list[dict]:
     if tools is None:
         return []
     if not isinstance(tools, list):
-        raise ChatTemplateError("tools must be a list", "tools")
+        raise ChatTemplateError(f"{where} must be a list", where)
     functions = []
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise ChatTemplateError(f"tools[{i}].type must be 'function'", f"tools[{i}].type")
+            raise ChatTemplateError(f"{where}[{i}].type must be 'function'", f"{where}[{i}].type")
         function = tool.get("function")
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise ChatTemplateError(f"tools[{i}].function.name is required", f"tools[{i}].function.name")
+            raise ChatTemplateError(f"{where}[{i}].function.name is required", f"{where}[{i}].function.name")
         functions.append(function)
     return functions
 
@@ -275,20 +297,23 @@ def _check_options(reasoning_effort: Any, effort_table: Any, response_format: An
 # ----------------------------------------------------------------------------- building turns
 
 def _build_turns(messages: list[dict], prefix_continuation: bool) -> list[_Turn]:
-    """Merge tool and consecutive user messages into user turns (the reference merge rule)."""
+    """Merge tool and consecutive user messages into user turns (the reference merge rule:
+    a user message joins the previous user turn unless that turn carries a task)."""
     turns: list[_Turn] = []
     for i, msg in enumerate(messages):
         role, where = msg["role"], f"messages[{i}]"
+        task = msg.get("task")
         if role in ("user", "tool"):
             if role == "user":
                 block = _Block(False, _parts_to_text(msg["content"], f"{where}.content"))
             else:
                 block = _Block(True, _tool_result_text(msg["content"], f"{where}.content"),
-                               msg["tool_call_id"])
-            if turns and turns[-1].role == "user":
-                turns[-1].blocks.append(block)
+                               msg.get("tool_call_id") or "")
+            previous = turns[-1] if turns else None
+            if previous is not None and previous.role == "user" and (role == "tool" or previous.task is None):
+                previous.blocks.append(block)
             else:
-                turns.append(_Turn(role="user", blocks=[block]))
+                turns.append(_Turn(role="user", blocks=[block], task=task))
         elif role == "assistant":
             is_prefix = bool(msg.get("prefix")) or (prefix_continuation and i == len(messages) - 1)
             calls = _parse_tool_calls(msg.get("tool_calls"), f"{where}.tool_calls")
@@ -296,9 +321,14 @@ def _build_turns(messages: list[dict], prefix_continuation: bool) -> list[_Turn]
                 raise ChatTemplateError(
                     f"{where}.tool_calls cannot be combined with prefix continuation", f"{where}.tool_calls")
             turns.append(_Turn(role="assistant", text=_parts_to_text(msg.get("content"), f"{where}.content"),
-                               reasoning=msg.get("reasoning_content"), tool_calls=calls, is_prefix=is_prefix))
+                               reasoning=msg.get("reasoning_content"), tool_calls=calls, is_prefix=is_prefix,
+                               task=task))
         else:
-            turns.append(_Turn(role=role, text=_parts_to_text(msg.get("content"), f"{where}.content")))
+            turn = _Turn(role=role, text=_parts_to_text(msg.get("content"), f"{where}.content"), task=task)
+            if role in ("system", "developer"):  # the reference also reads tools from these messages
+                turn.tools = _validate_tools(msg.get("tools"), f"{where}.tools") or None
+                turn.response_format = msg.get("response_format")
+            turns.append(turn)
     return turns
 
 
@@ -323,22 +353,57 @@ def _attach_request_extras(turns: list[_Turn], tools: list[dict], response_forma
         return
     if not turns or turns[0].role != "system":
         turns.insert(0, _Turn(role="system"))
-    turns[0].tools = tools or None
-    turns[0].response_format = response_format if wants_format else None
+    turns[0].tools = (turns[0].tools or []) + tools or None
+    if wants_format:
+        turns[0].response_format = response_format
+
+
+def _last_user_index(turns: list[_Turn]) -> int:
+    return max((i for i, t in enumerate(turns) if t.role in ("user", "developer")), default=-1)
+
+
+def _drop_old_turns(turns: list[_Turn]) -> list[_Turn]:
+    """Reference drop rule: developer turns before the last user/developer turn go away."""
+    last_user = _last_user_index(turns)
+    return [t for i, t in enumerate(turns) if not (t.role == "developer" and i < last_user)]
 
 
 # ----------------------------------------------------------------------------- rendering
+# Pieces: `Control` strings are the encoder's tokens, every other string is plain text.
 
-def render_tools_block(functions: list[dict]) -> str:
+_TEMPLATE_CONTROLS = (DSML, THINK_START, THINK_END)
+
+
+def _markup(template: str) -> list[str]:
+    """Encoder-owned template text as pieces, its control-token spellings as `Control`s.
+    Never call this on client text."""
+    pieces, rest = [], template
+    while rest:
+        hits = [(rest.find(c), c) for c in _TEMPLATE_CONTROLS if c in rest]
+        if not hits:
+            pieces.append(rest)
+            break
+        pos, control = min(hits)
+        if pos:
+            pieces.append(rest[:pos])
+        pieces.append(control)
+        rest = rest[pos + len(control):]
+    return pieces
+
+
+def render_tools_block(functions: list[dict]) -> list[str]:
     """The `## Tools` section for OpenAI `function` objects (one JSON object per line)."""
-    return _TOOLS_TEMPLATE.format(
-        dsml=DSML, think_start=THINK_START, think_end=THINK_END,
-        schemas="\n".join(_to_json(f) for f in functions))
+    before, after = _TOOLS_TEMPLATE.split("{schemas}")
+    fill = dict(dsml=DSML, think_start=THINK_START, think_end=THINK_END)
+    schemas = "\n".join(_to_json(f) for f in functions)
+    return _markup(before.format(**fill)) + [schemas] + _markup(after.format(**fill))
 
 
-def _arguments_as_mapping(arguments: str | dict) -> dict:
+def _arguments_as_mapping(arguments: str | dict | None) -> dict:
     if isinstance(arguments, dict):
         return arguments
+    if arguments is None:  # the reference: json.loads fails, the raw value becomes `arguments`
+        return {"arguments": None}
     try:
         decoded = json.loads(arguments)
     except ValueError:
@@ -346,43 +411,67 @@ def _arguments_as_mapping(arguments: str | dict) -> dict:
     return decoded if isinstance(decoded, dict) else {"arguments": arguments}
 
 
-def _render_tool_calls(calls: list[_ToolCall]) -> str:
+def _render_tool_calls(calls: list[_ToolCall]) -> list[str]:
     """DSML block for an assistant turn's calls, starting with the "\\n\\n" separator."""
-    invokes = []
-    for call in calls:
-        params = []
-        for key, value in _arguments_as_mapping(call.arguments).items():
+    out = ["\n\n<", DSML, "tool_calls>\n"]
+    for n, call in enumerate(calls):
+        if n:
+            out.append("\n")
+        out += ["<", DSML, 'invoke name="', call.name, '">\n']
+        for k, (key, value) in enumerate(_arguments_as_mapping(call.arguments).items()):
             is_str = isinstance(value, str)
-            params.append(f'{PARAMETER_OPEN} name="{key}" string="{"true" if is_str else "false"}">'
-                          f"{value if is_str else _to_json(value)}{PARAMETER_CLOSE}")
-        invokes.append(f'{INVOKE_OPEN} name="{call.name}">\n' + "\n".join(params) + f"\n{INVOKE_CLOSE}")
-    return "\n\n" + TOOL_CALLS_OPEN + "\n" + "\n".join(invokes) + "\n" + TOOL_CALLS_CLOSE
+            out += ["\n" if k else "", "<", DSML, 'parameter name="', key,
+                    f'" string="{"true" if is_str else "false"}">', value if is_str else _to_json(value),
+                    "</", DSML, "parameter>"]
+        out += ["\n</", DSML, "invoke>"]
+    out += ["\n</", DSML, "tool_calls>"]
+    return out
 
 
-def _render_system(turn: _Turn) -> str:
-    text = turn.text
+def _render_instructions(turn: _Turn) -> list[str]:
+    """System/developer text plus the request's tools block and response format."""
+    out = [turn.text]
     if turn.tools:
-        text += "\n\n" + render_tools_block(turn.tools)
+        out += ["\n\n"] + render_tools_block(turn.tools)
     if turn.response_format:
-        text += "\n\n" + _RESPONSE_FORMAT_TEMPLATE.format(schema=_to_json(turn.response_format))
-    return text
+        out += ["\n\n" + _RESPONSE_FORMAT_TEMPLATE.format(schema=""), _to_json(turn.response_format)]
+    return out
 
 
-def _render_user(turn: _Turn) -> str:
-    pieces = [f"<tool_result>{b.text}</tool_result>" if b.is_tool_result else b.text for b in turn.blocks]
-    return USER + "\n\n".join(pieces)
+def _render_user(turn: _Turn) -> list[str]:
+    out: list[str] = [USER]
+    for n, block in enumerate(turn.blocks):
+        if n:
+            out.append("\n\n")
+        out += ["<tool_result>", block.text, "</tool_result>"] if block.is_tool_result else [block.text]
+    return out
 
 
-def _render_assistant(turn: _Turn, *, thinking: bool, keeps_reasoning: bool) -> str:
-    reasoning = ""
+def _render_assistant(turn: _Turn, *, thinking: bool, keeps_reasoning: bool) -> list[str]:
+    out: list[str] = []
     if thinking and keeps_reasoning:
         continues_reasoning = turn.is_prefix and not turn.text and not turn.tool_calls
-        reasoning = (turn.reasoning or "") + ("" if continues_reasoning else THINK_END)
-    calls = _render_tool_calls(turn.tool_calls) if turn.tool_calls else ""
-    return reasoning + turn.text + calls + ("" if turn.is_prefix else EOS)
+        out += [turn.reasoning or ""] + ([] if continues_reasoning else [THINK_END])
+    out.append(turn.text)
+    if turn.tool_calls:
+        out += _render_tool_calls(turn.tool_calls)
+    if not turn.is_prefix:
+        out.append(EOS)
+    return out
 
 
-def encode_messages(
+def _render_tail(turn: _Turn, *, thinking: bool, opens_reasoning: bool) -> list[str]:
+    """What follows a turn that an assistant turn (or the generation) comes after."""
+    if turn.task == "action":
+        return [ASSISTANT, THINK_START if thinking else THINK_END, TASK_TOKENS["action"]]
+    if turn.task is not None:
+        return [TASK_TOKENS[turn.task]]
+    if turn.role in ("user", "developer"):
+        return [ASSISTANT, THINK_START if opens_reasoning else THINK_END]
+    return []
+
+
+def render_messages(
     messages: list[dict],
     *,
     thinking: bool,
@@ -393,9 +482,11 @@ def encode_messages(
     prefix_continuation: bool = False,
     drop_thinking: bool = True,
     effort_table: str = "preview",
-) -> str:
-    """Render `messages` (OpenAI chat format) into the V4 prompt string, starting with BOS.
+) -> list[str]:
+    """Render `messages` (OpenAI chat format) into prompt pieces starting with BOS.
 
+    `"".join(pieces)` is the prompt text; pieces that are `Control` instances are the
+    encoder's control tokens, all other pieces are plain text (see `Tokenizer.encode_prompt`).
     `thinking` picks thinking vs chat mode; `drop_thinking` removes reasoning of turns before
     the last user message (forced off when `tools` are given); `prefix_continuation` (or
     `prefix: true` on the last message) renders the last assistant message without EOS so the
@@ -416,28 +507,44 @@ def encode_messages(
     _order_tool_results(turns)
     _attach_request_extras(turns, functions, response_format)
 
-    keep_all_reasoning = not drop_thinking or bool(functions)
-    last_user = max((i for i, t in enumerate(turns) if t.role == "user"), default=-1)
-    prompt = [BOS, EFFORT_TABLES[effort_table][reasoning_effort] if thinking else ""]
+    keep_all_reasoning = not drop_thinking or any(t.tools for t in turns)
+    if thinking and not keep_all_reasoning:
+        turns = _drop_old_turns(turns)
+    last_user = _last_user_index(turns)
+    prompt: list[str] = [BOS, EFFORT_TABLES[effort_table][reasoning_effort] if thinking else ""]
     for i, turn in enumerate(turns):
-        if turn.role == "system":
-            prompt.append(_render_system(turn))
+        if turn.role in ("system", "developer"):
+            prompt += ([USER] if turn.role == "developer" else []) + _render_instructions(turn)
         elif turn.role == "latest_reminder":
-            prompt.append(LATEST_REMINDER + turn.text)
+            prompt += [LATEST_REMINDER, turn.text]
         elif turn.role == "assistant":
-            prompt.append(_render_assistant(
-                turn, thinking=thinking, keeps_reasoning=keep_all_reasoning or i > last_user))
+            after_task = i > 0 and turns[i - 1].task is not None
+            prompt += _render_assistant(
+                turn, thinking=thinking and not after_task, keeps_reasoning=keep_all_reasoning or i > last_user)
         else:
-            prompt.append(_render_user(turn))
-            is_last = i == len(turns) - 1
-            # The assistant header follows a user turn only when an assistant (or reminder) comes next.
-            if (is_last and add_generation_prompt) or (
-                    not is_last and turns[i + 1].role in ("assistant", "latest_reminder")):
-                opens_reasoning = thinking and (keep_all_reasoning or i >= last_user)
-                prompt.append(ASSISTANT + (THINK_START if opens_reasoning else THINK_END))
-    return "".join(prompt)
+            prompt += _render_user(turn)
+        is_last = i == len(turns) - 1
+        # The tail follows a turn only when an assistant (or reminder) comes next, or at the end.
+        if (is_last and (add_generation_prompt or turn.task is not None)) or (
+                not is_last and turns[i + 1].role in ("assistant", "latest_reminder")):
+            prompt += _render_tail(turn, thinking=thinking,
+                                   opens_reasoning=thinking and (keep_all_reasoning or i >= last_user))
+    return [piece for piece in prompt if piece]
 
 
-def ends_inside_reasoning(prompt: str) -> bool:
-    """True when generation continues inside `<think>` (for `OutputParser(starts_in_reasoning=)`)."""
-    return prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
+def encode_messages(messages: list[dict], **options) -> str:
+    """The prompt text of `render_messages` (same arguments)."""
+    return "".join(render_messages(messages, **options))
+
+
+def ends_inside_reasoning(prompt: list[str] | str) -> bool:
+    """True when generation continues inside `<think>` (for `OutputParser(starts_in_reasoning=)`).
+
+    Pass the pieces of `render_messages`: only the encoder's own think tokens count, so client
+    text spelling `<think>` cannot flip the parse."""
+    if isinstance(prompt, str):
+        return prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
+    for piece in reversed(prompt):
+        if isinstance(piece, Control) and piece in (THINK_START, THINK_END):
+            return piece == THINK_START
+    return False

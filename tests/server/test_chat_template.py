@@ -125,10 +125,32 @@ def test_add_generation_prompt_false_and_latest_reminder():
         BOS + USER + "hi" + ASSISTANT + "<think>" + "<\uff5clatest_reminder\uff5c>Today is Monday.")
 
 
-def test_consecutive_user_messages_merge_and_developer_renders_as_system():
+def test_consecutive_user_messages_merge_and_developer_renders_like_the_reference():
     messages = [{"role": "developer", "content": "Be brief."},
                 {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
-    assert encode_messages(messages, thinking=False) == BOS + "Be brief." + USER + "a\n\nb" + ASSISTANT + "</think>"
+    # The reference renders developer as a user-marked turn; it is dropped before the last user
+    # turn when thinking drops old reasoning. (The chat endpoint maps developer to system.)
+    assert encode_messages(messages, thinking=False) == BOS + USER + "Be brief." + USER + "a\n\nb" + ASSISTANT + "</think>"
+    assert encode_messages(messages, thinking=True) == BOS + USER + "a\n\nb" + ASSISTANT + "<think>"
+
+
+def test_assistant_tool_call_with_null_arguments_renders_like_the_reference():
+    messages = [{"role": "user", "content": "x"},
+                {"role": "assistant", "content": None, "tool_calls": [_call("c", "get_weather", None)]},
+                {"role": "tool", "content": "ok"}]  # tool_call_id may be omitted, as in the reference
+    assert encode_messages(messages, thinking=False) == (
+        BOS + USER + "x" + ASSISTANT + "</think>"
+        + f'\n\n<{D}tool_calls>\n<{D}invoke name="get_weather">\n'
+        + f'<{D}parameter name="arguments" string="false">null</{D}parameter>\n'
+        + f"</{D}invoke>\n</{D}tool_calls>" + EOS + USER + "<tool_result>ok</tool_result>" + ASSISTANT + "</think>")
+
+
+def test_quick_instruction_tasks_follow_the_reference():
+    action = [{"role": "user", "content": "Weather?", "task": "action"}, {"role": "assistant", "content": "Search"}]
+    assert encode_messages(action, thinking=False) == (
+        BOS + USER + "Weather?" + ASSISTANT + "</think><\uff5caction\uff5c>Search" + EOS)
+    query = [{"role": "user", "content": "Weather?", "task": "query"}]
+    assert encode_messages(query, thinking=False) == BOS + USER + "Weather?<\uff5cquery\uff5c>"
 
 
 # ----------------------------------------------------------------------------- §5.4 effort
@@ -280,7 +302,8 @@ def test_prefix_with_only_reasoning_continues_thinking():
     ([], "messages"),
     ([{"role": "robot", "content": "x"}], "messages[0].role"),
     ([{"role": "user"}], "messages[0].content"),
-    ([{"role": "user", "content": "x"}, {"role": "tool", "content": "r"}], "messages[1].tool_call_id"),
+    ([{"role": "user", "content": "x"}, {"role": "tool", "content": "r", "tool_call_id": 5}], "messages[1].tool_call_id"),
+    ([{"role": "user", "content": "x", "task": "dance"}], "messages[0].task"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}], "messages[0].content[0].type"),
     ([{"role": "assistant", "content": "a", "prefix": True}, {"role": "user", "content": "x"}], "messages[0].prefix"),
     ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "",
