@@ -127,7 +127,8 @@ class EngineCore:
                       time.monotonic() if arrival_time is None else arrival_time, cache_salt=cache_salt,
                       cache_hints=cache_hints or CacheHints())
         self._text[request_id] = _TextState(
-            IncrementalDetokenizer(self.tokenizer, prompt_ids[-8:]) if self.tokenizer else None,
+            IncrementalDetokenizer(self.tokenizer, prompt_ids[-8:], params.skip_special_tokens)
+            if self.tokenizer else None,
             StopChecker(params.stop, params.include_stop_str_in_output) if params.stop else None,
             params.logprobs is not None,
         )

@@ -24,7 +24,8 @@ class RequestMetrics:
 class RequestOutput:
     """One increment of a request's generation.
 
-    ``new_text`` is the newly stable detokenized text (special tokens kept, stop strings
+    ``new_text`` is the newly stable detokenized text (control tokens dropped unless
+    ``SamplingParams.skip_special_tokens`` is off, as for chat; stop strings
     already applied and cut); concatenating every ``new_text`` gives the full output text."""
 
     request_id: str

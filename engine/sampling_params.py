@@ -41,6 +41,9 @@ class SamplingParams:
     logprobs: int | None = None
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
+    # Drop control tokens (EOS, `</think>`, DSML, FIM, ... every added token) from the text.
+    # The chat server turns this off: its parser needs `</think>` and DSML in the text.
+    skip_special_tokens: bool = True
     # Callables ``(output_token_ids, logits[V]) -> logits[V]`` applied before sampling, e.g. the
     # server's JSON-mode constraint. They see only this request's row.
     logits_processors: list = field(default_factory=list, compare=False, repr=False)

@@ -3,13 +3,21 @@
 A checkpoint directory holds ``tokenizer.json`` (byte-level BPE, added tokens matched before
 pre-tokenisation) and ``tokenizer_config.json`` (bos/eos names, ``add_bos_token: false``). Prompts
 from the chat encoder already contain BOS, so :meth:`Tokenizer.encode` never adds special tokens;
-special-token strings inside the text still map to their single ids.
+added-token strings inside the text still map to their single ids.
+
+Two id sets, because the real V4 tokenizer marks only BOS, EOS, pad (and its placeholder
+tokens) ``special`` while ``<｜User｜>``, ``<think>``, ``｜DSML｜``, the FIM tokens ... are added
+tokens with ``special: false``: ``special_ids`` follows the flag, ``control_ids`` holds every
+added token (what JSON mode must forbid and what ``decode(skip_special_tokens=True)`` drops).
+:meth:`Tokenizer.encode_prompt` encodes chat-encoder pieces: the encoder's ``Control`` pieces
+become their ids, all other text is encoded with no added-token matching at all, so client
+text that spells a control token stays plain text.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
@@ -24,6 +32,11 @@ FIM_BEGIN_TOKEN = "<｜fim▁begin｜>"
 FIM_HOLE_TOKEN = "<｜fim▁hole｜>"
 FIM_END_TOKEN = "<｜fim▁end｜>"
 
+class Control(str):
+    """A control token placed by the chat encoder: :meth:`Tokenizer.encode_prompt` maps it to
+    its single id. Text that merely spells a control token is a plain ``str``."""
+
+
 class Tokenizer:
     """Text <-> token ids for one checkpoint. Build it with :meth:`from_dir`."""
 
@@ -34,6 +47,8 @@ class Tokenizer:
         self._eos_token = eos_token
         self._special_tokens = dict(special_tokens)
         self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self._control_ids = frozenset(backend.get_added_tokens_decoder())
+        self._plain_backend = _without_added_tokens(backend)
         for name, token in (("bos_token", bos_token), ("eos_token", eos_token)):
             if token is not None and backend.token_to_id(token) is None:
                 raise ValueError(f"{name} {token!r} is not in the tokenizer vocabulary")
@@ -75,7 +90,13 @@ class Tokenizer:
 
     @property
     def special_ids(self) -> set[int]:
+        """Ids flagged ``special`` (real V4: BOS, EOS, pad and placeholders only)."""
         return set(self._special_tokens.values())
+
+    @property
+    def control_ids(self) -> frozenset[int]:
+        """Every added token (special or not): never part of ordinary text."""
+        return self._control_ids
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
@@ -91,13 +112,49 @@ class Tokenizer:
             raise ValueError(f"text must be a str, got {type(text).__name__}")
         return self._backend.encode(text, add_special_tokens=False).ids
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of ``text`` with no added-token matching: control-token spellings stay text."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str, got {type(text).__name__}")
+        return self._plain_backend.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, pieces: Iterable[str]) -> list[int]:
+        """Ids of chat-encoder pieces: ``Control`` pieces become their single id, the text runs
+        between them are encoded plain. Equals ``encode("".join(pieces))`` whenever the client
+        text holds no control-token spelling, because added tokens split the text there too."""
+        ids: list[int] = []
+        run: list[str] = []
+        for piece in pieces:
+            control_id = self._backend.token_to_id(piece) if isinstance(piece, Control) else None
+            if control_id is None:  # plain text (or a control this vocabulary lacks)
+                run.append(piece)
+                continue
+            if run:
+                ids += self.encode_plain("".join(run))
+                run = []
+            ids.append(control_id)
+        if run:
+            ids += self.encode_plain("".join(run))
+        return ids
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        """Text of ``ids``. Servers keep special tokens so ``</think>`` and DSML reach the parsers."""
+        """Text of ``ids``. Servers keep control tokens so ``</think>`` and DSML reach the
+        parsers; ``skip_special_tokens=True`` drops every control token (``control_ids``),
+        not only the ones flagged special, so no ``</think>`` or EOS text leaks into plain text."""
         ids = list(ids)
         for token_id in ids:
             if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < self._vocab_size:
                 raise ValueError(f"ids must be ints in [0, {self._vocab_size}), got {token_id!r}")
-        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        if skip_special_tokens:
+            ids = [token_id for token_id in ids if token_id not in self._control_ids]
+        return self._backend.decode(ids, skip_special_tokens=False)
+
+
+def _without_added_tokens(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """A copy of ``backend`` that matches no added token (the BPE model and its ids unchanged)."""
+    spec = json.loads(backend.to_str())
+    spec["added_tokens"] = []
+    return tokenizers.Tokenizer.from_str(json.dumps(spec))
 
 
 def _read_config(config_file: Path) -> dict:

@@ -29,8 +29,8 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
-from server.chat import create_chat_completion, resolve_thinking
-from server.chat_template import encode_messages
+from server.chat import api_messages, create_chat_completion, resolve_thinking
+from server.chat_template import render_messages
 from server.completions import create_completion
 from server.errors import authentication_failed, install_error_handlers, invalid_request, unavailable
 from server.metrics import Metrics
@@ -160,7 +160,8 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
     async def health():
         if not is_serving():
             raise unavailable(engine.fatal_error or ("shutting down" if ctx.is_draining else None))
-        return Response(status_code=200)
+        # A body, so probes and people see what answers (an empty 200 looks like a proxy).
+        return {"status": "ok", "model": config.served_model_name, "max_model_len": engine.max_model_len}
 
     @app.get("/version")
     async def version():
@@ -178,11 +179,12 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
         if req.messages is not None:
             model = ctx.resolve_model(req.model or config.served_model_name)
             thinking, effort = resolve_thinking(ctx, req.thinking, req.reasoning_effort, model)
-            text = encode_messages(req.messages, thinking=thinking, reasoning_effort=effort, tools=req.tools,
-                                   add_generation_prompt=req.add_generation_prompt)
+            # Same pieces as a chat request: message text never becomes a control token.
+            tokens = engine.tokenizer.encode_prompt(render_messages(
+                api_messages(req.messages), thinking=thinking, reasoning_effort=effort, tools=req.tools,
+                add_generation_prompt=req.add_generation_prompt))
         else:
-            text = req.prompt
-        tokens = engine.tokenizer.encode(text)
+            tokens = engine.tokenizer.encode(req.prompt)  # a raw prompt may spell control tokens on purpose
         body = {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
         if req.return_token_strs:
             body["token_strs"] = [ctx.token_table.token_text(t) for t in tokens]

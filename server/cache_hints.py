@@ -14,15 +14,15 @@ could merge across the boundary); otherwise the request simply gets none.
 from __future__ import annotations
 
 from engine.core.request import CacheHints
-from server.chat_template import USER, ChatTemplateError, encode_messages
+from server.chat_template import USER, ChatTemplateError, render_messages
 
 _SYSTEM_ROLES = ("system", "developer")
 
 
 def chat_cache_hints(messages: list[dict], prompt_ids: list[int], tokenizer, *, thinking: bool,
                      tools: list[dict] | None, starts_in_reasoning: bool, **encode_options) -> CacheHints:
-    """Hints for a chat prompt rendered by `encode_messages(messages, thinking=..., tools=...,
-    **encode_options)` into `prompt_ids`."""
+    """Hints for a chat prompt rendered by `render_messages(messages, thinking=..., tools=...,
+    **encode_options)` and encoded by `tokenizer.encode_prompt` into `prompt_ids`."""
     keep_output = not (thinking and not tools and starts_in_reasoning)
     end = _system_block_end(messages, prompt_ids, tokenizer, thinking=thinking, tools=tools, **encode_options)
     return CacheHints(unit_ends=(end,) if end else (), keep_output=keep_output)
@@ -39,12 +39,12 @@ def _system_block_end(messages: list[dict], prompt_ids: list[int], tokenizer, **
     if not leading and not encode_options.get("tools") and not encode_options.get("response_format"):
         return None  # no system block at all
     try:
-        text = encode_messages(system, add_generation_prompt=False, **encode_options)
+        pieces = render_messages(system, add_generation_prompt=False, **encode_options)
     except ChatTemplateError:
         return None
     opens_user = messages[leading].get("role") in ("user", "tool")
-    for candidate in ((text + USER, text) if opens_user else (text,)):
-        ids = tokenizer.encode(candidate)
+    for candidate in ((pieces + [USER], pieces) if opens_user else (pieces,)):
+        ids = tokenizer.encode_prompt(candidate)  # as the prompt itself was encoded
         if 0 < len(ids) < len(prompt_ids) and prompt_ids[:len(ids)] == ids:
             return len(ids)
     return None

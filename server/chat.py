@@ -11,10 +11,24 @@ Policies:
   failed the request (DeepSeek's "interrupted" reason); else `stop`.
 - Tool calls are returned as generated (DeepSeek's non-strict behaviour). Arguments that do not
   match the tool's schema are logged and counted (`dsv4:tool_parse_errors{kind=
-  "schema_violation"}`); malformed DSML is counted as `malformed_dsml` and the calls closed
-  before it are kept. A call cut off mid-way is dropped from non-streaming replies.
-- `strict` on functions and `tool_choice: "required"` / named are accepted but not enforced
-  (no grammar); `tool_choice: "none"` hides the tools from the prompt.
+  "schema_violation"}`).
+- Generated text is never dropped: tool-call markup the parser cannot decode (malformed DSML)
+  and calls to a tool that was not offered come back as `content`, verbatim, with the reason
+  in the extension field `tool_call_error: {"kind": "malformed_dsml" | "unknown_tool",
+  "message": ...}` on the message (streams: on the finish chunk's delta), counted as
+  `dsv4:tool_parse_errors{kind=...}`; calls closed before the bad markup are kept. A call cut
+  mid-way is dropped from non-streaming replies (its markup is in the content). With
+  `dsv4 serve --tool-parse-errors error` such replies fail instead (HTTP 500
+  `invalid_tool_call`; in a stream: an error event, then `[DONE]`).
+- Thinking mode (DeepSeek's rules): `tool_choice: "required"` or a named function is a 400
+  ("Thinking mode does not support this tool_choice"); `temperature` / `top_p` are ignored;
+  `logprobs` is supported and also covers the reasoning (`logprobs.reasoning_content`, as in
+  DeepSeek's current schema).
+- Chat mode: `strict` on functions and `tool_choice: "required"` / named are accepted but not
+  enforced (no grammar); `tool_choice: "none"` hides the tools from the prompt.
+- Messages: `developer` is rendered as `system`; the encoder's internal keys (`task`, and
+  `tools` / `response_format` inside a message) are ignored. Client text never becomes a
+  control token (`Tokenizer.encode_prompt`).
 - `response_format: json_object` constrains the content with `server/json_constraint.py`
   (reasoning stays free); `json_schema` is a 400 like DeepSeek ("must be text or json_object").
 - n > 1: choices are separate engine requests `<id>-<i>` (seed + i when seeded); usage counts
@@ -35,8 +49,8 @@ from fastapi.responses import Response
 
 from engine.sampling_params import SamplingParams
 from server.cache_hints import chat_cache_hints
-from server.chat_template import THINK_END, encode_messages, ends_inside_reasoning
-from server.errors import invalid_request
+from server.chat_template import THINK_END, ends_inside_reasoning, render_messages
+from server.errors import APIError, invalid_request
 from server.json_constraint import JsonObjectProcessor
 from server.parsers import Delta, OutputParser, validate_tool_arguments
 from server.protocol import (
@@ -84,6 +98,29 @@ def resolve_thinking(ctx: ServerContext, thinking_obj: dict | None, reasoning_ef
     if effort_name == "none" and kind is None:  # the Responses-format spelling of "thinking off"
         thinking = False
     return thinking, EFFORT_ALIASES.get(effort_name) if effort_name is not None else None
+
+
+THINKING_TOOL_CHOICE_ERROR = "Thinking mode does not support this tool_choice"
+_INTERNAL_MESSAGE_KEYS = ("task", "tools", "response_format")
+
+
+def api_messages(messages: list) -> list:
+    """The request's messages as the public API means them: `developer` is `system`, and the
+    encoder's internal per-message keys are not client features."""
+    out = []
+    for message in messages:
+        if isinstance(message, dict):
+            message = {k: v for k, v in message.items() if k not in _INTERNAL_MESSAGE_KEYS}
+            if message.get("role") == "developer":
+                message["role"] = "system"
+        out.append(message)
+    return out
+
+
+def _check_thinking_tool_choice(tool_choice, thinking: bool) -> None:
+    forced = tool_choice == "required" or (isinstance(tool_choice, dict) and tool_choice.get("type") == "function")
+    if thinking and forced:
+        raise invalid_request(THINKING_TOOL_CHOICE_ERROR, "tool_choice")
 
 
 def _check_tools(tools: list[dict] | None, tool_choice) -> list[dict] | None:
@@ -146,6 +183,7 @@ def plan_chat(ctx: ServerContext, req: ChatCompletionRequest, is_beta: bool) -> 
     thinking, effort = resolve_thinking(ctx, req.thinking, req.reasoning_effort, model)
     _check_prefix(req.messages, is_beta)
     tools = _check_tools(req.tools, req.tool_choice)
+    _check_thinking_tool_choice(req.tool_choice, thinking)
     json_mode = _check_response_format(req.response_format)
     n = check_n(req.n)
     sampling = check_sampling(req, thinking, ctx.engine.generation_defaults)
@@ -160,10 +198,11 @@ def plan_chat(ctx: ServerContext, req: ChatCompletionRequest, is_beta: bool) -> 
 
     render_options = dict(thinking=thinking, reasoning_effort=effort, tools=tools,
                           response_format=req.response_format if json_mode else None)
-    prompt = encode_messages(req.messages, **render_options)
-    prompt_ids = ctx.engine.tokenizer.encode(prompt)
+    messages = api_messages(req.messages)
+    prompt = render_messages(messages, **render_options)
+    prompt_ids = ctx.engine.tokenizer.encode_prompt(prompt)
     starts_in_reasoning = ends_inside_reasoning(prompt)
-    hints = chat_cache_hints(req.messages, prompt_ids, ctx.engine.tokenizer, starts_in_reasoning=starts_in_reasoning,
+    hints = chat_cache_hints(messages, prompt_ids, ctx.engine.tokenizer, starts_in_reasoning=starts_in_reasoning,
                              **render_options)
 
     if req.max_tokens is not None:
@@ -184,7 +223,7 @@ def plan_chat(ctx: ServerContext, req: ChatCompletionRequest, is_beta: bool) -> 
             params.append(SamplingParams(
                 max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                 seed=None if sampling.seed is None else sampling.seed + i, stop=sampling.stop,
-                ignore_eos=req.ignore_eos,
+                ignore_eos=req.ignore_eos, skip_special_tokens=False,  # the parser reads </think> and DSML
                 logprobs=(req.top_logprobs or 0) if req.logprobs else None, logits_processors=processors))
         except ValueError as err:
             raise invalid_request(str(err)) from None
@@ -289,12 +328,13 @@ class ChunkFormat:
 
 
 def tool_call_problems(parser: OutputParser, tools: list[dict] | None) -> list[str]:
-    """Metric kinds of what went wrong with one choice's tool calls: `malformed_dsml` once if
-    the markup broke, `schema_violation` per complete call whose arguments miss its schema."""
+    """Metric kinds of what went wrong with one choice's tool calls: the parse error's kind
+    (`malformed_dsml` / `unknown_tool`) once, `schema_violation` per complete call whose
+    arguments miss its schema."""
     problems = []
-    if parser.parse_errors:
-        logger.warning("malformed tool-call markup: %s", parser.parse_errors)
-        problems.append("malformed_dsml")
+    if parser.error is not None:
+        logger.warning("tool-call markup returned as content (%s): %s", parser.error.kind, parser.error.message)
+        problems.append(parser.error.kind)
     by_name = {t["function"]["name"]: t for t in tools or []}
     for call in parser.tool_calls:
         if not call.is_complete:
@@ -318,12 +358,15 @@ class ChatRun(Run):
     def __init__(self, ctx: ServerContext, plan: ChatPlan):
         tokenizer = ctx.engine.tokenizer
         think_end_id = tokenizer.token_to_id(THINK_END)
+        fail_on_bad_markup = ctx.config.tool_parse_errors == "error"
         choices = [
             ChatChoice(index=i, parser=OutputParser(plan.thinking, plan.tools,
-                                                    starts_in_reasoning=plan.starts_in_reasoning),
+                                                    starts_in_reasoning=plan.starts_in_reasoning,
+                                                    markup_as_content=not fail_on_bad_markup),
                        in_reasoning=plan.starts_in_reasoning, think_end_id=think_end_id, eos_id=tokenizer.eos_id)
             for i in range(len(plan.params))]
         super().__init__(ctx, plan, choices)
+        self.fail_on_bad_markup = fail_on_bad_markup
         self.format = ChunkFormat(self.id, self.created, plan.model, ctx.system_fingerprint, plan.thinking,
                                   plan.include_usage)
 
@@ -342,12 +385,26 @@ class ChatRun(Run):
     def consume(self, index: int, out) -> None:
         self.choices[index].feed(out, self.ctx.token_table, self.plan.top_logprobs)
 
+    def _markup_error(self, choice: ChatChoice) -> dict | None:
+        """The `tool_call_error` extension of one finished choice (or the error-mode failure)."""
+        error = choice.parser.error
+        if error is None:
+            return None
+        if self.fail_on_bad_markup:
+            self.settle()
+            raise APIError(500, f"the model's tool call could not be parsed ({error.kind}): {error.message}",
+                           type="server_error", code="invalid_tool_call")
+        return {"kind": error.kind, "message": error.message}
+
     def body(self) -> dict:
         choices = []
         for choice in self.choices:
             message = {"role": "assistant", "content": choice.parser.content}
             if self.plan.thinking:
                 message["reasoning_content"] = choice.parser.reasoning
+            markup_error = self._markup_error(choice)
+            if markup_error is not None:
+                message["tool_call_error"] = markup_error
             calls = choice.complete_calls
             if calls:
                 message["tool_calls"] = [
@@ -376,9 +433,12 @@ class ChatRun(Run):
             chunks.append(self.format.chunk(index, self.format.delta(delta), logprobs=logprobs))
         if out.finished:
             logprobs = choice.take_pending_logprobs(self.plan.thinking) if self.plan.logprobs else None
+            final_delta = {"content": "", "role": None}
+            markup_error = self._markup_error(choice)
+            if markup_error is not None:
+                final_delta["tool_call_error"] = markup_error
             usage = self.settle() if self.job.is_done else _OMIT
-            chunks.append(self.format.chunk(index, {"content": "", "role": None}, choice.finish_reason, logprobs,
-                                            usage))
+            chunks.append(self.format.chunk(index, final_delta, choice.finish_reason, logprobs, usage))
         return chunks
 
 

@@ -37,10 +37,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.tokenizer import Control
 
-
-class Control(str):
-    """A control token emitted by the encoder: it becomes its single id, never client text."""
 
 
 BOS = Control("<｜begin▁of▁sentence｜>")

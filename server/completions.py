@@ -5,8 +5,10 @@ With `suffix` the prompt is rendered as DeepSeek FIM —
 without it the prompt is continued after BOS. Non-thinking only (FIM does not support thinking;
 a `thinking` field is ignored). Legacy Completions shapes: `text_completion`, integer
 `logprobs` (<= 20) as `{tokens, token_logprobs, top_logprobs, text_offset}`, `echo` prepends
-the prompt text (logprobs then cover the generated tokens only). Generation stops at EOS, whose
-text never appears in `text`; other special tokens are kept. `prompt` must be one string (a
+the prompt text (logprobs then cover the generated tokens only). Generation stops at EOS; no
+control token (EOS, `</think>`, the FIM markers, DSML, ...) appears in `text` or in the
+logprobs tokens (the engine decodes with `skip_special_tokens`). The prompt (and `suffix`) is
+encoded as given: raw completions may spell control tokens on purpose. `prompt` must be one string (a
 list holding exactly one string is accepted). Usage and the stream's usage placement follow
 the chat endpoint (DeepSeek: usage on the final finish chunk).
 """
@@ -98,8 +100,8 @@ class CompletionChoice(Choice):
         if with_logprobs:
             offset = self.num_chars
             for token_id, entry in zip(out.new_token_ids, out.logprobs or []):
-                if token_id == eos_id:
-                    continue
+                if token_id == eos_id or table.is_control[token_id]:
+                    continue  # not part of `text`
                 text = table.token_text(entry.token_id)
                 new_logprobs["tokens"].append(text)
                 new_logprobs["token_logprobs"].append(entry.logprob)

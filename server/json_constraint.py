@@ -59,25 +59,27 @@ _BYTE_DECODER = _byte_level_decoder()
 class TokenTable:
     """The raw bytes of every token id of one tokenizer (built once, read-only afterwards).
 
-    `token_bytes[i]` is what token i contributes to the decoded output (special tokens: the
-    UTF-8 of their text). `is_special[i]` marks special tokens.
+    `token_bytes[i]` is what token i contributes to the decoded output (added tokens: the
+    UTF-8 of their text). `is_control[i]` marks control tokens: every added token, whether or
+    not its `special` flag is set (the real V4 tokenizer leaves `<think>`, `｜DSML｜`, ...
+    non-special), so JSON mode can never put one inside a JSON string.
     """
 
     def __init__(self, tokenizer):
-        special_ids = tokenizer.special_ids
+        control_ids = tokenizer.control_ids
         self.vocab_size: int = tokenizer.vocab_size
         self.eos_id: int = tokenizer.eos_id
         self.token_bytes: list[bytes] = []
-        self.is_special: list[bool] = []
+        self.is_control: list[bool] = []
         for token_id in range(self.vocab_size):
             piece = tokenizer.id_to_token(token_id)
-            special = token_id in special_ids
-            if piece is not None and not special and all(c in _BYTE_DECODER for c in piece):
+            control = token_id in control_ids
+            if piece is not None and not control and all(c in _BYTE_DECODER for c in piece):
                 data = bytes(_BYTE_DECODER[c] for c in piece)
             else:  # added tokens and non-byte-level vocabularies: their decoded text
                 data = tokenizer.decode([token_id]).encode("utf-8")
             self.token_bytes.append(data)
-            self.is_special.append(special)
+            self.is_control.append(control)
 
     def token_text(self, token_id: int) -> str:
         """The token's text for logprobs (`U+FFFD` where it holds part of a character)."""
@@ -232,7 +234,7 @@ class _TrieNode:
 class JsonVocabIndex:
     """Allowed-token sets per parser state for one tokenizer; shared by all requests.
 
-    Built once (a byte trie of the non-special tokens); `allowed_ids(state)` walks the trie
+    Built once (a byte trie of the non-control tokens); `allowed_ids(state)` walks the trie
     from `state`, pruning a subtree as soon as its prefix is invalid, and caches the result.
     """
 
@@ -240,7 +242,7 @@ class JsonVocabIndex:
         self.table = table
         self._root = _TrieNode({}, [])
         for token_id, data in enumerate(table.token_bytes):
-            if table.is_special[token_id] or not data:
+            if table.is_control[token_id] or not data:
                 continue
             node = self._root
             for byte in data:

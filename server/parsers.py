@@ -18,13 +18,18 @@ Policies:
 - A complete `<｜DSML｜tool_calls>` opener inside reasoning (no `</think>` yet) ends the
   reasoning and starts tool calls (vLLM's V4 reasoning parser does the same); other DSML
   text inside reasoning stays reasoning.
-- Malformed DSML (unexpected tag or text, bad attributes, duplicate parameter, unknown tool
-  name, calls when no tools were offered, EOS inside a call, a block cut off by the end of
-  text): tool-call parsing stops, a message is appended to `parse_errors`, and the rest of
-  the output is dropped. The client keeps what was already streamed: calls closed before the
-  error are valid; a call cut by the error stays open (`ParsedToolCall.is_complete` False,
-  its arguments are not valid JSON), so non-streaming responses should drop it. DSML markup
-  is never emitted as content: any DSML tag in content starts (or breaks) the block.
+- Think markers never reach content: a stray `</think>` (or `<think>` inside reasoning) is
+  dropped; a second `<think>...</think>` block after the answer began is reasoning again in
+  thinking mode, and in chat mode its markers are dropped and its text stays content.
+- Generated text is never dropped. Malformed DSML (unexpected tag or text, bad attributes,
+  duplicate parameter, EOS inside a call, a block cut off by the end of text) and calls to a
+  tool that was not offered stop tool-call parsing: `error` records why (`kind`
+  "malformed_dsml" or "unknown_tool"), and the unparsed markup — from the block opener, or
+  from the end of the last call that closed — is emitted verbatim as content, followed by
+  the rest of the output. Calls closed before the error are valid; a call cut by the error
+  stays open (`ParsedToolCall.is_complete` False, its arguments not valid JSON), so
+  non-streaming responses drop it (its markup is in the content). With
+  `markup_as_content=False` the rest is dropped instead (the server's error mode).
 - `finish_reason` is "tool_calls" once any call was started, else "stop"; the caller
   replaces it with "length" when generation hit its token limit.
 """
@@ -40,17 +45,18 @@ from enum import Enum, auto
 from typing import Callable
 
 from server.chat_template import (
-    DSML, EOS, INVOKE_CLOSE, INVOKE_OPEN, PARAMETER_CLOSE, PARAMETER_OPEN, THINK_END,
+    DSML, EOS, INVOKE_CLOSE, INVOKE_OPEN, PARAMETER_CLOSE, PARAMETER_OPEN, THINK_END, THINK_START,
     TOOL_CALLS_CLOSE, TOOL_CALLS_OPEN,
 )
 from server.json_schema import validate
 
 _DSML_START = f"<{DSML}"
 # Content: any DSML tag starts the block (anything but `tool_calls>` is then malformed); a
-# closing tag or a bare DSML token there is malformed markup.
-_CONTENT_MARKERS = (EOS, "\n\n" + _DSML_START, _DSML_START, "</" + DSML, DSML)
+# closing tag or a bare DSML token there is malformed markup; think markers are filtered.
+_CONTENT_MARKERS = (EOS, "\n\n" + _DSML_START, _DSML_START, "</" + DSML, DSML, THINK_START, THINK_END)
 # Reasoning: only a complete block opener ends it early; other DSML text stays reasoning.
-_REASONING_MARKERS = (THINK_END, EOS, "\n\n" + TOOL_CALLS_OPEN, TOOL_CALLS_OPEN)
+_REASONING_MARKERS = (THINK_END, EOS, "\n\n" + TOOL_CALLS_OPEN, TOOL_CALLS_OPEN, THINK_START)
+_RAW_MARKERS = (EOS,)
 _VALUE_MARKERS = (PARAMETER_CLOSE, EOS)
 _MAX_TAG_CHARS = 1024
 _INVOKE_ATTRS = re.compile(r'\s*name="([^"]+)"\s*')
@@ -107,12 +113,27 @@ class _State(Enum):
     PARAMETER_TAG = auto()    # ` name="K" string="true|false">`
     PARAMETER_VALUE = auto()  # raw value until `</｜DSML｜parameter>`
     AFTER_BLOCK = auto()      # only whitespace and EOS may follow
+    RAW = auto()              # after a parse error: the rest is content, verbatim, up to EOS
     DONE = auto()
     FAILED = auto()
 
 
+_BLOCK_STATES = (_State.BLOCK_OPEN, _State.BETWEEN_CALLS, _State.INVOKE_TAG, _State.BETWEEN_PARAMS,
+                 _State.PARAMETER_TAG, _State.PARAMETER_VALUE)
+
+
+@dataclass(frozen=True)
+class ParseError:
+    """Why tool-call parsing stopped: `kind` is "malformed_dsml" or "unknown_tool"."""
+
+    kind: str
+    message: str
+
+
 class _Malformed(Exception):
-    pass
+    def __init__(self, message: str, kind: str = "malformed_dsml"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def split_at_marker(buf: str, markers: tuple[str, ...], final: bool) -> tuple[str, str | None, str]:
@@ -164,9 +185,16 @@ class OutputParser:
 
     def __init__(self, thinking: bool, tools: list[dict] | None, *,
                  starts_in_reasoning: bool | None = None,
-                 make_call_id: Callable[[int], str] = _random_call_id):
+                 make_call_id: Callable[[int], str] = _random_call_id,
+                 markup_as_content: bool = True):
         self._tool_names = _tool_names(tools)
         self._make_call_id = make_call_id
+        self._thinking = thinking
+        self._markup_as_content = markup_as_content
+        self._fed: list[str] = []  # everything fed, to return unparsed markup verbatim
+        self._fed_chars = 0
+        self._recover_from = 0  # where the markup not yet accounted for by closed calls starts
+        self.error: ParseError | None = None
         in_reasoning = thinking if starts_in_reasoning is None else starts_in_reasoning
         self._state = _State.REASONING if in_reasoning else _State.CONTENT
         self._buf = ""
@@ -188,6 +216,7 @@ class OutputParser:
             _State.PARAMETER_TAG: self._step_parameter_tag,
             _State.PARAMETER_VALUE: self._step_parameter_value,
             _State.AFTER_BLOCK: self._step_after_block,
+            _State.RAW: self._step_raw,
         }
 
     # ------------------------------------------------------------------ public API
@@ -195,6 +224,10 @@ class OutputParser:
     def feed(self, text_delta: str) -> list[Delta]:
         if not isinstance(text_delta, str):
             raise ValueError("text_delta must be a string")
+        if self._state in (_State.DONE, _State.FAILED):
+            return []
+        self._fed.append(text_delta)
+        self._fed_chars += len(text_delta)
         self._buf += text_delta
         self._run(final=False)
         return self._take()
@@ -204,8 +237,9 @@ class OutputParser:
         self._run(final=True)
         if self._state == _State.REASONING:
             self.reasoning_unterminated = True
-        elif self._state not in (_State.CONTENT, _State.AFTER_BLOCK, _State.DONE, _State.FAILED):
-            self._fail("output ended inside a tool-call block")
+        elif self._state in _BLOCK_STATES:
+            self._fail(_Malformed("output ended inside a tool-call block"))
+            self._run(final=True)
         self._state = _State.DONE
         return self._take()
 
@@ -233,21 +267,31 @@ class OutputParser:
             try:
                 progressed = steps[self._state](final)
             except _Malformed as err:
-                self._fail(str(err))
-                break
+                self._fail(err)
+                continue  # RAW goes on with the unparsed text; FAILED leaves the loop
             if not progressed:
                 break
         if self._state in (_State.DONE, _State.FAILED):
             self._buf = ""
+            self._fed = []
 
     def _take(self) -> list[Delta]:
         out, self._out = self._out, []
         return out
 
-    def _fail(self, message: str) -> None:
-        self.parse_errors.append(message)
-        self._state = _State.FAILED
-        self._buf = ""
+    def _position(self) -> int:
+        """Offset (in all text fed) of the first character not yet consumed."""
+        return self._fed_chars - len(self._buf)
+
+    def _fail(self, err: _Malformed) -> None:
+        self.parse_errors.append(str(err))
+        self.error = ParseError(err.kind, str(err))
+        if self._markup_as_content:
+            self._buf = "".join(self._fed)[self._recover_from:]
+            self._state = _State.RAW
+        else:
+            self._buf = ""
+            self._state = _State.FAILED
 
     # ------------------------------------------------------------------ emitting
 
@@ -285,8 +329,11 @@ class OutputParser:
 
     def _open_block(self) -> None:
         if not self._tool_names:
-            raise _Malformed("model emitted tool calls but the request offered no tools")
+            raise _Malformed("model emitted tool calls but the request offered no tools", "unknown_tool")
         self._state = _State.BETWEEN_CALLS
+
+    def _mark_markup_start(self, marker: str) -> None:
+        self._recover_from = self._position() - len(marker)
 
     def _step_reasoning(self, final: bool) -> bool:
         marker = self._step_text("reasoning", _REASONING_MARKERS, final)
@@ -294,17 +341,26 @@ class OutputParser:
             self._state = _State.CONTENT
         elif marker == EOS:
             self.reasoning_unterminated = True
-        elif marker is not None:
+        elif marker is not None and marker != THINK_START:  # a nested <think> is dropped
+            self._mark_markup_start(marker)
             self._open_block()
         return marker is not None
 
     def _step_content(self, final: bool) -> bool:
         marker = self._step_text("content", _CONTENT_MARKERS, final)
-        if marker in (DSML, "</" + DSML):
-            raise _Malformed(f"stray {marker} in content")
-        if marker is not None and marker != EOS:
+        if marker == THINK_START and self._thinking:
+            self._state = _State.REASONING  # a second reasoning block is reasoning, not content
+        elif marker in (THINK_START, THINK_END, EOS, None):
+            pass  # stray think markers are dropped
+        else:
+            self._mark_markup_start(marker)
+            if marker in (DSML, "</" + DSML):
+                raise _Malformed(f"stray {marker} in content")
             self._state = _State.BLOCK_OPEN
         return marker is not None
+
+    def _step_raw(self, final: bool) -> bool:
+        return self._step_text("content", _RAW_MARKERS, final) is not None
 
     def _expect(self, options: tuple[str, ...], skip_space: bool) -> str | None:
         """Consume one of `options` from the buffer; None means more input is needed."""
@@ -328,6 +384,8 @@ class OutputParser:
         got = self._expect((INVOKE_OPEN, TOOL_CALLS_CLOSE), skip_space=True)
         if got is None:
             return False
+        if got == TOOL_CALLS_CLOSE:
+            self._recover_from = self._position()
         self._state = _State.INVOKE_TAG if got == INVOKE_OPEN else _State.AFTER_BLOCK
         return True
 
@@ -350,7 +408,7 @@ class OutputParser:
             raise _Malformed(f"bad invoke tag attributes {attrs!r}")
         name = match.group(1)
         if name not in self._tool_names:
-            raise _Malformed(f"call to unknown tool {name!r}")
+            raise _Malformed(f"call to unknown tool {name!r}", "unknown_tool")
         index = len(self.tool_calls)
         self._call = ParsedToolCall(index=index, id=self._make_call_id(index), name=name)
         self.tool_calls.append(self._call)
@@ -373,6 +431,7 @@ class OutputParser:
         except ValueError:
             raise _Malformed(f"tool call {call.index} arguments are not valid JSON") from None
         call.is_complete = True
+        self._recover_from = self._position()
         self._state = _State.BETWEEN_CALLS
         return True
 

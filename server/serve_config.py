@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 PUBLIC_MODEL_NAMES = ("deepseek-v4-pro", "deepseek-v4-flash", "deepseek-chat", "deepseek-reasoner")
 THINKING_DEFAULT_BY_NAME = {"deepseek-chat": False, "deepseek-reasoner": True}
 DEFAULT_SERVED_MODEL_NAME = "deepseek-v4-flash"
+TOOL_PARSE_ERROR_POLICIES = ("content", "error")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class ServeConfig:
     price_table: PriceTable = field(default_factory=PriceTable.default)
     log_level: str = "info"
     stats_interval: float = 5.0  # seconds between one-line stats logs; 0 disables them
+    # Unparseable tool-call markup / calls to unknown tools: "content" returns the text as
+    # content (with `tool_call_error`), "error" fails the request instead.
+    tool_parse_errors: str = "content"
 
     def __post_init__(self):
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -60,6 +64,9 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.tool_parse_errors not in TOOL_PARSE_ERROR_POLICIES:
+            raise ValueError(f"tool_parse_errors must be one of {TOOL_PARSE_ERROR_POLICIES}, "
+                             f"got {self.tool_parse_errors!r}")
         interval = self.stats_interval
         if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval < float("inf"):
             raise ValueError(f"stats_interval must be >= 0 seconds (0 disables the stats log), got {interval!r}")

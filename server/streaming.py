@@ -3,11 +3,14 @@
 `EngineJob` submits one engine request per choice (`<id>-<i>`); the engine thread puts their
 `RequestOutput`s straight into the job's one queue (`AsyncEngine.submit`), and the job aborts
 whatever is unfinished when closed (client gone, error, done).
-`sse_response` frames chunks as SSE (`data: <json>`, `data: [DONE]`) with `: keep-alive`
-comments while the request waits; `json_response` returns a plain JSON body, or — when the
-request is still waiting after one keep-alive interval — commits a 200 and writes blank lines
-until the JSON is ready (DeepSeek's keep-alive for non-streaming requests). Either way a client
-disconnect closes the job, which aborts the engine requests and frees their KV cache.
+`sse_response` frames chunks as SSE (`data: <json>`, `data: [DONE]`) with a `: keep-alive`
+comment whenever nothing was sent for one keep-alive interval — while queued, during a long
+prefill, and while tokens arrive that produce no chunk yet; a stream that fails after it
+started ends with an error event and `data: [DONE]`. `json_response` returns a plain JSON
+body, or — when the reply is not ready within one interval (queued, long prefill, long
+reasoning) — commits a 200 and writes a blank line every interval until the JSON is ready
+(DeepSeek's keep-alive for non-streaming requests). Either way a client disconnect closes the
+job, which aborts the engine requests and frees their KV cache.
 """
 
 from __future__ import annotations
@@ -143,6 +146,24 @@ def _engine_error(exc: Exception) -> Exception:
     return exc  # unexpected: the catch-all handler logs it and answers 500
 
 
+class Heartbeat:
+    """When the next keep-alive is due: `interval` seconds after anything was last sent."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._last_sent = time.monotonic()
+
+    def sent(self) -> None:
+        self._last_sent = time.monotonic()
+
+    def timeout(self) -> float:
+        """Seconds until a keep-alive is due (0: due now)."""
+        return max(0.0, self._last_sent + self.interval - time.monotonic())
+
+    def due(self) -> bool:
+        return self.timeout() == 0.0
+
+
 async def wait_first(job: EngineJob, interval: float):
     """The first output, or TIMEOUT after `interval`; closes the job if that raises."""
     try:
@@ -172,9 +193,11 @@ def sse_response(events: AsyncIterator[dict | None], job: EngineJob, request_id:
             return
         except APIError as err:  # headers are out: report in-band, which the OpenAI SDK raises
             yield json.dumps(err.to_dict(), ensure_ascii=False)
+            yield "[DONE]"  # a clean end, so clients do not wait for more
         except Exception:
             logger.exception("stream %s failed", request_id)
             yield json.dumps(_stream_failure().to_dict())
+            yield "[DONE]"
         finally:
             _close(job, on_close)
 
@@ -219,30 +242,45 @@ async def json_response(request: Request, job: EngineJob, first, consume: Callab
     the response once the job is done.
     """
     headers = {"x-request-id": request_id}
+    heartbeat = Heartbeat(interval)
     if first is not TIMEOUT:
+        # Collect for one interval; a reply not ready by then (long reasoning) switches to the
+        # blank-line keep-alive body below instead of leaving the connection silent.
         watcher = asyncio.create_task(_watch_disconnect(request, job))
+        body = None
         try:
             consume(*first)
             while not job.is_done:
-                consume(*await job.next())
-            body = build_body()
+                item = await job.next(timeout=heartbeat.timeout())
+                if item is TIMEOUT:
+                    break
+                consume(*item)
+            else:
+                body = build_body()
         except JobClosed:
+            _close(job, on_close)
             return Response(status_code=204)  # nobody is listening any more
+        except BaseException:
+            _close(job, on_close)
+            raise
         finally:
             watcher.cancel()
+        if body is not None:
             _close(job, on_close)
-        return JSONResponse(body, headers=headers)
+            return JSONResponse(body, headers=headers)
 
     async def stream_body():
         # NOTE: status 200 is already sent; late errors go in the body as the error envelope.
         try:
             yield b"\n"  # one interval has passed already
+            heartbeat.sent()
             while not job.is_done:
-                item = await job.next(timeout=interval)
-                if item is TIMEOUT:
-                    yield b"\n"
-                else:
+                item = await job.next(timeout=heartbeat.timeout())
+                if item is not TIMEOUT:
                     consume(*item)
+                if heartbeat.due():  # time-based: outputs arriving does not reset it
+                    yield b"\n"
+                    heartbeat.sent()
             yield json.dumps(build_body(), ensure_ascii=False).encode()
         except JobClosed:
             return
@@ -259,14 +297,18 @@ async def json_response(request: Request, job: EngineJob, first, consume: Callab
 
 async def keepalive_events(job: EngineJob, first, interval: float,
                            render: Callable[[int, object], list[dict]]) -> AsyncIterator[dict | None]:
-    """Outputs of `job` rendered to chunks by `render`; None while nothing arrives."""
+    """Outputs of `job` rendered to chunks by `render`; None (a keep-alive) whenever nothing
+    was yielded for `interval`, whether or not outputs arrived meanwhile."""
+    heartbeat = Heartbeat(interval)
     item = first
     while True:
-        if item is TIMEOUT:
-            yield None
-        else:
+        if item is not TIMEOUT:
             for chunk in render(*item):
                 yield chunk
+                heartbeat.sent()
             if job.is_done:
                 return
-        item = await job.next(timeout=interval)
+        if item is TIMEOUT or heartbeat.due():  # TIMEOUT: one interval passed in silence
+            yield None
+            heartbeat.sent()
+        item = await job.next(timeout=heartbeat.timeout())

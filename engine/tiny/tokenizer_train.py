@@ -20,6 +20,8 @@ from engine.tokenizer import (
 )
 
 # Order matters: trained tokenizers give these ids 0, 1, 2, ... (BOS 0, EOS 1, pad 2 as in V4).
+# As in the real V4 tokenizer only BOS, EOS and pad are flagged `special`; the others are
+# added tokens with `special: false` (`Tokenizer.control_ids` holds them all).
 DEEPSEEK_SPECIAL_TOKENS: tuple[str, ...] = (
     BOS_TOKEN, EOS_TOKEN, PAD_TOKEN,
     "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>", "｜DSML｜",
@@ -27,6 +29,7 @@ DEEPSEEK_SPECIAL_TOKENS: tuple[str, ...] = (
     "<｜title｜>", "<｜read_url｜>", "<｜extracted_url｜>",
     FIM_BEGIN_TOKEN, FIM_HOLE_TOKEN, FIM_END_TOKEN,
 )
+FLAGGED_SPECIAL_TOKENS = frozenset({BOS_TOKEN, EOS_TOKEN, PAD_TOKEN})
 
 # DeepSeek-V3/V4 pre-tokenisation (spec §6): three isolated splits, then byte-level mapping.
 _DIGITS_PATTERN = r"\p{N}{1,3}"
@@ -85,6 +88,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int,
     )
     backend.train_from_iterator(_without_special_tokens(texts, special_tokens), trainer=trainer)
 
+    backend = _flag_special_like_v4(backend)
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     backend.save(str(directory / TOKENIZER_FILE), pretty=True)
@@ -106,9 +110,18 @@ def _without_special_tokens(texts: Iterable[str], special_tokens: Sequence[str])
         yield from (piece for piece in splitter.split(text) if piece)
 
 
+def _flag_special_like_v4(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """The trainer adds every token as special; keep the flag only where V4 has it."""
+    spec = json.loads(backend.to_str())
+    for token in spec["added_tokens"]:
+        token["special"] = token["content"] in FLAGGED_SPECIAL_TOKENS
+    return tokenizers.Tokenizer.from_str(json.dumps(spec))
+
+
 def _deepseek_config(backend: tokenizers.Tokenizer, special_tokens: Sequence[str]) -> dict:
     added = {str(backend.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False,
-                                           "rstrip": False, "single_word": False, "special": True}
+                                           "rstrip": False, "single_word": False,
+                                           "special": t in FLAGGED_SPECIAL_TOKENS}
              for t in special_tokens}
     return {
         "add_bos_token": False,

@@ -132,7 +132,9 @@ def test_metrics_follow_requests(live):
 def test_health_version_balance(live):
     base = live[0].base_url
     health = httpx.get(base + "/health")
-    assert health.status_code == 200 and health.content == b""
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok" and health.json()["model"] == SERVED
+    assert health.json()["max_model_len"] > 0
     assert isinstance(httpx.get(base + "/version").json()["version"], str)
     balance = httpx.get(base + "/user/balance").json()
     assert balance["is_available"] is True and isinstance(balance["balance_infos"][0]["total_balance"], str)

@@ -60,12 +60,44 @@ def test_disconnect_mid_stream_frees_kv(live):
     assert stats["kv_cache"]["live_fraction"] == baseline
 
 
-def test_disconnect_during_non_streaming_request_aborts(live):
+def test_running_non_streaming_request_gets_blank_lines_and_disconnect_aborts(live):
     server, engine = live
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.base_url + "/v1/chat/completions", json={**LONG, "max_tokens": 2000}, timeout=0.5)
+    # Not queued (the slot is free): a reply that takes longer than one interval still gets
+    # keep-alive blank lines while it generates, then the client goes away.
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json={**LONG, "max_tokens": 2000},
+                      timeout=60) as resp:
+        assert resp.status_code == 200
+        first = next(resp.iter_bytes())
+        assert first.startswith(b"\n") and engine.stats()["running"] == 1
     stats = _wait_idle(engine)
     assert stats["kv_cache"]["live_fraction"] == 0.0
+
+
+def test_stream_sends_keep_alives_while_outputs_render_nothing():
+    """The keep-alive is time-based: outputs that produce no chunk do not silence it."""
+    import asyncio
+
+    from server.streaming import TIMEOUT, keepalive_events
+
+    class SilentOutputs:  # an engine job whose outputs (one per 20 ms) render to no chunk
+        def __init__(self):
+            self.left, self.is_done = 30, False
+
+        async def next(self, timeout=None):
+            await asyncio.sleep(min(0.02, timeout))
+            if timeout < 0.02:
+                return TIMEOUT
+            self.left -= 1
+            self.is_done = self.left == 0
+            return 0, object()
+
+    async def collect():
+        job = SilentOutputs()
+        return [event async for event in keepalive_events(job, TIMEOUT, 0.1, lambda i, out: [])]
+
+    events = asyncio.run(collect())
+    assert events and all(e is None for e in events)
+    assert len(events) >= 4  # ~0.6 s of silence at a 0.1 s interval, the first right away
 
 
 def test_queued_stream_gets_keep_alive_comments(live):

@@ -74,12 +74,12 @@ def test_nesting_is_capped():
 def test_token_table_matches_decode(tokenizer):
     table = TokenTable(tokenizer)
     assert table.vocab_size == tokenizer.vocab_size
-    special = tokenizer.special_ids
+    special = tokenizer.control_ids
     for token_id in range(tokenizer.vocab_size):
         decoded = tokenizer.decode([token_id])
         if "\ufffd" not in decoded:  # tokens holding part of a UTF-8 character decode lossily
             assert table.token_bytes[token_id] == decoded.encode(), token_id
-        assert table.is_special[token_id] == (token_id in special)
+        assert table.is_control[token_id] == (token_id in special)
     # byte-level tokens reassemble multi-byte text exactly
     ids = tokenizer.encode("héllo 😀 wörld")
     assert b"".join(table.token_bytes[i] for i in ids) == "héllo 😀 wörld".encode()
@@ -92,12 +92,12 @@ def test_allowed_sets(index, tokenizer):
     assert tokenizer.eos_id not in start
     assert index.allowed_ids(advance_bytes(INITIAL_STATE, b"{}")) == (tokenizer.eos_id,)
     in_string = set(index.allowed_ids(advance_bytes(INITIAL_STATE, b'{"key')))
-    assert not any(table.is_special[i] for i in in_string)
+    assert not any(table.is_control[i] for i in in_string)
     assert all(advance_bytes(advance_bytes(INITIAL_STATE, b'{"key'), table.token_bytes[i]) is not None
                for i in in_string)
     # exhaustive cross-check against a token-by-token scan
     state = advance_bytes(INITIAL_STATE, b'{"a": [1, ')
-    expected = {i for i in range(table.vocab_size) if not table.is_special[i] and table.token_bytes[i]
+    expected = {i for i in range(table.vocab_size) if not table.is_control[i] and table.token_bytes[i]
                 and advance_bytes(state, table.token_bytes[i]) is not None}
     assert set(index.allowed_ids(state)) == expected
 
@@ -123,7 +123,7 @@ def test_processor_random_walks_stay_valid(index, tokenizer):
     # Favour tokens that close things so that some walks finish within the step budget.
     bias = torch.zeros(table.vocab_size)
     for i, data in enumerate(table.token_bytes):
-        if not table.is_special[i] and data and data[-1:] in (b"}", b'"', b"]"):
+        if not table.is_control[i] and data and data[-1:] in (b"}", b'"', b"]"):
             bias[i] = 4.0
     bias[eos] = 8.0
     completed = 0

@@ -182,29 +182,61 @@ def test_zero_parameter_call_and_whitespace_between_tags():
     (f'<{D}invoke name="rm_rf">\n</{D}invoke>\n', "unknown tool"),
 ])
 @pytest.mark.parametrize("by_chars", [False, True])
-def test_malformed_call_stops_parsing_and_keeps_earlier_calls(bad_call, error, by_chars):
+def test_malformed_call_stops_parsing_keeps_earlier_calls_and_returns_the_markup_as_content(
+        bad_call, error, by_chars):
     text = "</think>ok" + block(invoke("get_weather", param("city", "Rome")), bad_call, invoke("bash", param("command", "ls")))
     parser, per_feed = run(text, pieces=char_pieces(text) if by_chars else None)
     reasoning, content, calls = collect(per_feed)
-    assert content == "ok"
+    # Nothing generated is lost: the markup after the last closed call comes back verbatim.
+    after_first_call = text[text.index(f"</{D}invoke>") + len(f"</{D}invoke>"):-len(EOS)]
+    assert content == "ok" + after_first_call
     assert json.loads(calls[0][2]) == {"city": "Rome"}
-    assert 2 not in calls  # nothing after the error is parsed
+    assert 2 not in calls  # nothing after the error is parsed as a call
     assert len(parser.parse_errors) == 1 and error in parser.parse_errors[0]
+    assert parser.error.kind == ("unknown_tool" if error == "unknown tool" else "malformed_dsml")
     assert parser.tool_calls[0].is_complete
     assert all(not c.is_complete for c in parser.tool_calls[1:])
 
 
-def test_tool_calls_without_offered_tools_are_dropped_not_leaked():
-    parser, per_feed = run("Sure." + block(invoke("bash", param("command", "ls"))), thinking=False, tools=None)
-    assert collect(per_feed) == ("", "Sure.", {})
-    assert parser.parse_errors and parser.finish_reason == "stop"
+def test_error_mode_drops_the_rest_instead():
+    text = "</think>ok" + block(invoke("rm_rf"))
+    parser = OutputParser(True, TOOLS, make_call_id=ids, markup_as_content=False)
+    _, content, calls = collect([parser.feed(text), parser.finish()])
+    assert content == "ok" and calls == {} and parser.error.kind == "unknown_tool"
 
 
-def test_stray_dsml_in_content_never_leaks():
+def test_tool_calls_without_offered_tools_come_back_as_content():
+    calls_text = block(invoke("bash", param("command", "ls")))
+    parser, per_feed = run("Sure." + calls_text, thinking=False, tools=None)
+    assert collect(per_feed) == ("", "Sure." + calls_text[:-len(EOS)], {})
+    assert parser.error.kind == "unknown_tool" and parser.finish_reason == "stop"
+
+
+def test_stray_dsml_in_content_is_returned_verbatim():
     for text in (f"Hello </{D}invoke> world", f"Hello {D}invoke world"):
         parser, per_feed = run(text, thinking=False, pieces=char_pieces(text))
-        assert collect(per_feed) == ("", "Hello ", {})
+        assert collect(per_feed) == ("", text, {})
         assert len(parser.parse_errors) == 1 and "stray" in parser.parse_errors[0]
+        assert parser.error.kind == "malformed_dsml"
+
+
+def test_block_cut_by_the_end_of_output_comes_back_as_content():
+    text = "</think>Let me look." + f'\n\n<{D}tool_calls>\n<{D}invoke name="bash">\n<{D}parameter name="comm'
+    parser, per_feed = run(text, pieces=char_pieces(text))
+    assert collect(per_feed)[1] == "Let me look." + text[text.index("\n\n"):]
+    assert parser.error.kind == "malformed_dsml" and "ended inside" in parser.error.message
+
+
+@pytest.mark.parametrize("by_chars", [False, True])
+def test_think_markers_never_reach_content(by_chars):
+    text = "plan</think>Answer.</think> More.<think>second thought</think> End." + EOS
+    parser, per_feed = run(text, pieces=char_pieces(text) if by_chars else None)
+    assert collect(per_feed)[:2] == ("plansecond thought", "Answer. More. End.")
+    chat = "Answer.</think> More.<think>aside</think> End."
+    parser, per_feed = run(chat, thinking=False, pieces=char_pieces(chat) if by_chars else None)
+    assert collect(per_feed)[:2] == ("", "Answer. More.aside End.")
+    nested = "a<think>b</think>c"
+    assert collect(run(nested)[1])[:2] == ("ab", "c")
 
 
 def test_output_cut_inside_a_call_reports_an_incomplete_call():
