@@ -117,14 +117,14 @@ class CostBreakdown:
             raise ValueError(f"kind must be one of {PRICE_KINDS}, got {kind!r}")
         return getattr(self, f"{kind}_usd")
 
-    def to_dict(self) -> dict:
-        """The `cost` object attached to `usage` in responses."""
+    def details(self) -> dict:
+        """`usage.cost_details` in responses; `usage.cost` is `total_usd`, a plain number (the
+        convention of other gateways, which typed clients such as litellm read)."""
         return {
             "currency": "USD",
             "cache_hit_input": self.cache_hit_input_usd,
             "cache_miss_input": self.cache_miss_input_usd,
             "output": self.output_usd,
-            "total": self.total_usd,
             "peak": self.is_peak,
         }
 

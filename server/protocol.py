@@ -214,7 +214,8 @@ class UsageCounts:
         return self.prompt_tokens - self.cache_hit_tokens
 
     def to_dict(self, cost: CostBreakdown | None) -> dict:
-        """DeepSeek's usage object (every field, api-surface §3.4) plus our `cost` breakdown."""
+        """DeepSeek's usage object (every field, api-surface §3.4) plus `cost` (a number, USD;
+        null when the model has no prices) and its breakdown `cost_details`."""
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -223,7 +224,8 @@ class UsageCounts:
             "prompt_cache_miss_tokens": self.cache_miss_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cache_hit_tokens},
             "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
-            "cost": None if cost is None else cost.to_dict(),
+            "cost": None if cost is None else cost.total_usd,
+            "cost_details": None if cost is None else cost.details(),
         }
 
 

@@ -55,15 +55,14 @@ def test_peak_windows_are_utc_half_open_weekday_hours(at, is_peak):
     assert PriceTable.default().cost("deepseek-v4-flash", 0, 0, 1, at).is_peak is is_peak
 
 
-def test_single_tokens_keep_sub_cent_precision_and_to_dict():
+def test_single_tokens_keep_sub_cent_precision_and_details():
     cost = PriceTable.default().cost("deepseek-v4-flash", 1, 1, 1, MONDAY_OFF_PEAK)
     assert cost.cache_hit_input_usd == pytest.approx(7e-9, abs=1e-12)
-    assert cost.to_dict() == {
+    assert cost.details() == {
         "currency": "USD",
         "cache_hit_input": cost.cache_hit_input_usd,
         "cache_miss_input": cost.cache_miss_input_usd,
         "output": cost.output_usd,
-        "total": cost.total_usd,
         "peak": False,
     }
     assert cost.total_usd == pytest.approx(0.887e-6, abs=1e-12)

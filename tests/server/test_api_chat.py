@@ -20,7 +20,8 @@ from server.serve_config import ServeConfig
 USER = [{"role": "user", "content": "Say hello."}]
 LONG_TEXT = "The quick brown fox jumps over the lazy dog near the river bank. " * 24  # ~300 tokens
 USAGE_KEYS = {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_cache_hit_tokens",
-              "prompt_cache_miss_tokens", "prompt_tokens_details", "completion_tokens_details", "cost"}
+              "prompt_cache_miss_tokens", "prompt_tokens_details", "completion_tokens_details", "cost",
+              "cost_details"}
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +73,16 @@ def test_non_thinking_alias_and_cost_arithmetic(client):
     usage = _usage(reply)
     _check_usage(usage)
     assert usage["completion_tokens_details"]["reasoning_tokens"] == 0
-    cost = usage["cost"]
+    # `usage.cost` is a number (what typed clients such as litellm read); the breakdown is beside it.
+    cost, details = usage["cost"], usage["cost_details"]
+    assert isinstance(cost, float) and cost > 0
     # Price at the time of the request; the boundary of a peak window could fall in between.
-    expected = [PriceTable.default().cost("deepseek-v4-flash", usage["prompt_cache_hit_tokens"],
-                                          usage["prompt_cache_miss_tokens"], usage["completion_tokens"],
-                                          datetime.now(timezone.utc)).to_dict()]
-    assert cost in expected or cost["peak"] != expected[0]["peak"]
-    assert cost["total"] == pytest.approx(cost["cache_hit_input"] + cost["cache_miss_input"] + cost["output"])
-    assert cost["currency"] == "USD" and cost["output"] > 0
+    expected = PriceTable.default().cost("deepseek-v4-flash", usage["prompt_cache_hit_tokens"],
+                                         usage["prompt_cache_miss_tokens"], usage["completion_tokens"],
+                                         datetime.now(timezone.utc))
+    assert (cost, details) == (expected.total_usd, expected.details()) or details["peak"] != expected.is_peak
+    assert cost == pytest.approx(details["cache_hit_input"] + details["cache_miss_input"] + details["output"])
+    assert details["currency"] == "USD" and details["output"] > 0
 
 
 def test_stream_matches_non_stream_when_greedy(client):
@@ -149,8 +152,7 @@ def test_prefix_cache_hits_on_repeated_long_prompt(client):
     assert cold.usage.prompt_tokens == warm.usage.prompt_tokens > 256
     hits = warm.usage.model_dump()["prompt_cache_hit_tokens"]
     assert hits > 0 and warm.usage.prompt_tokens_details.cached_tokens == hits
-    cost = warm.usage.model_dump()["cost"]
-    assert cost["cache_hit_input"] > 0
+    assert warm.usage.model_dump()["cost_details"]["cache_hit_input"] > 0
     # A different user_id does not see that cache (isolation) ...
     other = client.chat.completions.create(model="deepseek-chat", messages=messages, max_tokens=2,
                                            extra_body={"user_id": "someone-else"})

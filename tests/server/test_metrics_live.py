@@ -246,7 +246,7 @@ def test_counters_match_the_usage_clients_got(live):
     # Each request computes its uncached prompt tokens, then feeds back every output token but the last.
     assert delta(after, before, "iteration_tokens_total_sum") == prompt - hits + output - n
     for kind in ("cache_hit_input", "cache_miss_input", "output"):
-        billed = sum(u["cost"][kind] for u in usages)
+        billed = sum(u["cost_details"][kind] for u in usages)
         assert billed > 0 or kind == "cache_hit_input"
         assert delta(after, before, "cost_usd_total", kind=kind) == pytest.approx(billed, rel=1e-6, abs=1e-12)
     for pool in KV_POOLS:
