@@ -16,6 +16,8 @@ shared-prefix, conversation starts) as a Poisson process; --max-concurrency caps
 flight. The run always stops after --num-prompts requests.
 """
 
+from __future__ import annotations
+
 import argparse
 import asyncio
 import json
@@ -26,7 +28,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+try:
+    import httpx
+except ImportError:  # `dsv4 bench serve --help` works without it; a run says what to install
+    httpx = None
 
 # Plain words so the token count per word stays near that of ordinary English text.
 _WORDS = (
@@ -99,6 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the benchmark described by `args`; print a summary; return (and maybe save) the results."""
+    if httpx is None:
+        raise SystemExit("dsv4 bench serve needs httpx: pip install -e \".[client]\" (or pip install httpx)")
     _validate(args)
     base_url = args.base_url.rstrip("/")
     model = args.model or _first_served_model(base_url, args.api_key, args.timeout)

@@ -330,10 +330,12 @@ def export_checkpoint(model: DeepseekV4, tokenizer_dir: str, out_dir: str) -> No
     save_safetensors(quantize_official(state, cfg), out_dir)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg.to_official_dict(), f, indent=2)
-    # The demo model is small: greedy decoding is what it was measured with.
+    # DeepSeek's own sampling defaults (temperature 1, top_p 1): in thinking mode the request's
+    # temperature is ignored, so greedy defaults would make every thinking reply identical.
+    # Measurements (bench/demo_eval.py) decode greedily on their own.
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump({"do_sample": False, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id},
-                  f, indent=2)
+        json.dump({"do_sample": True, "temperature": 1.0, "top_p": 1.0, "bos_token_id": cfg.bos_token_id,
+                   "eos_token_id": cfg.eos_token_id}, f, indent=2)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if os.path.abspath(tokenizer_dir) != os.path.abspath(out_dir):
             shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))

@@ -54,12 +54,23 @@ class EngineCore:
             list(cfg.compress_ratios), cfg.head_dim, cfg.index_head_dim, cfg.sliding_window, cfg.rope_dim,
             kv_dtype_bytes=torch.tensor([], dtype=self.dtype).element_size(), kv_cache_dtype=config.kv_cache_dtype,
         )
+        log.info("loading checkpoint %s on %s, dtype %s, kv cache %s (%d layers, vocab %d, context %d)",
+                 self.model_dir, self.device, str(self.dtype).removeprefix("torch."), config.kv_cache_dtype,
+                 cfg.num_layers, cfg.vocab_size, self.max_model_len)
+        started = time.monotonic()
         self.runner = self._make_runner(layout)
+        log.info("model weights loaded in %.1f s", time.monotonic() - started)
+        budget = self._kv_budget()
         self.kv_manager = KVCacheManager.from_budget(
-            layout, self._kv_budget(), config.max_num_seqs, enable_prefix_cache=config.enable_prefix_cache,
+            layout, budget, config.max_num_seqs, enable_prefix_cache=config.enable_prefix_cache,
             unit_interval=config.prefix_cache_unit, snapshot_fraction=config.prefix_cache_snapshot_share,
         )
         pools = self.kv_manager.pools
+        log.info("KV cache: budget %.1f MiB, allocated %.1f MiB: %s; longest sequence alone %d tokens; "
+                 "max_num_seqs %d, prefix cache %s", budget / 2**20, self.kv_manager.total_bytes / 2**20,
+                 ", ".join(f"{kind.value} {pool.num_blocks}" for kind, pool in pools.items()),
+                 int(min(self.kv_manager.max_num_tokens, self.max_model_len)), config.max_num_seqs,
+                 "on" if config.enable_prefix_cache else "off")
         self.runner.allocate_cache(CacheShape(
             num_window_slots=pools[CachePool.WINDOW].num_blocks,
             num_state_slots=pools[CachePool.STATE].num_blocks,

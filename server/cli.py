@@ -31,54 +31,69 @@ def parse_size(text: str) -> int:
 def _add_serve(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run the OpenAI/DeepSeek-compatible HTTP server")
     p.add_argument("--model", default=None,
-                   help="checkpoint directory (default: the embedded model, made on first use)")
+                   help="checkpoint directory (default: the embedded demo model shipped in engine/assets/demo)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--api-key", action="append", default=[], dest="api_keys", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (repeat for several keys)")
     p.add_argument("--served-model-name", default=None,
                    help="model name clients use (default: deepseek-v4-flash); DeepSeek's names are aliases")
     engine = p.add_argument_group("engine")
-    engine.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
-    engine.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step")
-    engine.add_argument("--max-model-len", type=int, default=None, help="context window cap in tokens")
+    engine.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together (default: 64)")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="tokens per engine step, prefill chunks included (default: 2048)")
+    engine.add_argument("--max-model-len", type=int, default=None,
+                        help="context window cap in tokens (default: the checkpoint's)")
     engine.add_argument("--kv-cache-memory", type=parse_size, default=None,
                         help="KV cache bytes, e.g. 8GiB (default: share of free GPU memory / 256 MiB on CPU)")
-    engine.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto")
+    engine.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="auto: the model dtype; fp8: DeepSeek's FP8 KV layout (half the bytes)")
     engine.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching")
     engine.add_argument("--prefix-cache-unit", type=int, default=2048,
                         help="checkpoint interval in tokens inside long prompts (multiple of 64)")
     engine.add_argument("--prefix-cache-snapshot-share", type=float, default=0.25,
                         help="share of the KV cache memory for prefix-cache snapshot slots (window + state + "
                              "tail blocks per checkpoint), in [0, 1); the rest holds compressed blocks")
-    engine.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
-    engine.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    engine.add_argument("--tensor-parallel-size", type=int, default=1)
-    engine.add_argument("--enable-expert-parallel", action="store_true")
-    engine.add_argument("--seed", type=int, default=0)
+    engine.add_argument("--dtype", default="auto",
+                        help="auto | bfloat16 | float16 | float32 (auto: bfloat16 on CUDA, float32 on CPU)")
+    engine.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto: CUDA when present)")
+    engine.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="shard the model over N ranks (docs/PARALLEL.md; default: 1)")
+    engine.add_argument("--enable-expert-parallel", action="store_true",
+                        help="with --tensor-parallel-size: place whole experts per rank instead of slicing them")
+    engine.add_argument("--seed", type=int, default=0,
+                        help="seed of the sampler shared by requests that give no seed (default: 0)")
     engine.add_argument("--max-queue", type=int, default=1024,
                         help="waiting requests before new ones get HTTP 429")
     server = p.add_argument_group("server")
     server.add_argument("--keep-alive-interval", type=float, default=10.0,
-                        help="seconds between keep-alives sent to requests that are still waiting")
+                        help="seconds of silence after which a request gets a keep-alive (SSE ': keep-alive' "
+                             "comment, or a blank line before non-streaming JSON): while queued, during a "
+                             "long prefill or long reasoning (default: 10)")
     server.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds running requests get to finish on shutdown")
-    server.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    server.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="log level (default: info)")
+    server.add_argument("--tool-parse-errors", choices=("content", "error"), default="content",
+                        help="tool-call markup the parser cannot decode, or a call to a tool the request did "
+                             "not offer: 'content' returns the text as content with the reason in "
+                             "tool_call_error (default); 'error' fails the request (HTTP 500)")
     server.add_argument("--stats-interval", type=float, default=5.0,
                         help="seconds between one-line stats logs (throughput, queues, KV, cache hits); 0: off")
     prices = p.add_argument_group("pricing (USD per 1M tokens; see server/pricing.py)")
     prices.add_argument("--price-table", default=None, metavar="FILE", help="JSON or YAML price table")
-    prices.add_argument("--price-cache-hit", type=float, default=None)
-    prices.add_argument("--price-cache-miss", type=float, default=None)
-    prices.add_argument("--price-output", type=float, default=None)
+    prices.add_argument("--price-cache-hit", type=float, default=None,
+                        help="price of prompt tokens served from the context cache")
+    prices.add_argument("--price-cache-miss", type=float, default=None, help="price of the other prompt tokens")
+    prices.add_argument("--price-output", type=float, default=None, help="price of generated tokens")
     p.set_defaults(func=run_serve)
 
 
 def _add_make_tiny(subparsers) -> None:
     p = subparsers.add_parser("make-tiny", help="write a tiny random V4 checkpoint (for tests and demos)")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write the checkpoint into")
+    p.add_argument("--seed", type=int, default=0, help="weights seed (default: 0)")
+    p.add_argument("--shards", type=int, default=1, help="number of safetensors shards (default: 1)")
     p.set_defaults(func=run_make_tiny)
 
 
@@ -122,7 +137,7 @@ def build_configs(args: argparse.Namespace):
     serve_config = ServeConfig(
         host=args.host, port=args.port, api_keys=tuple(args.api_keys), served_model_name=served_name,
         keep_alive_interval=args.keep_alive_interval, drain_timeout=args.drain_timeout, price_table=price_table,
-        log_level=args.log_level, stats_interval=args.stats_interval)
+        log_level=args.log_level, stats_interval=args.stats_interval, tool_parse_errors=args.tool_parse_errors)
     return engine_config, serve_config, args.max_queue
 
 

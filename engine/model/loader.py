@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -262,7 +263,9 @@ def load_weights(model: DeepseekV4, model_dir: str, keep_dense: bool = True,
 
     fp8_block = model.cfg.fp8_block or (128, 128)
     n_quant = 0
+    progress = _LoadProgress(model_dir, len(expected))
     for name, target in expected.items():
+        progress.step()
         try:
             if name in merged:
                 continue
@@ -283,6 +286,21 @@ def load_weights(model: DeepseekV4, model_dir: str, keep_dense: bool = True,
         except CheckpointError as e:
             raise CheckpointError(f"{name}: {e}") from None
     return {"tensors": len(expected), "quantized": n_quant, "skipped_mtp": len(mtp)}
+
+
+class _LoadProgress:
+    """One INFO line per quarter of the tensors, so a long load visibly advances."""
+
+    def __init__(self, model_dir: str, total: int):
+        self.model_dir, self.total, self.done, self.started = model_dir, total, 0, time.monotonic()
+        self._next_mark = 1
+
+    def step(self) -> None:
+        self.done += 1
+        if self.total and self.done * 4 >= self._next_mark * self.total:
+            log.info("loading %s: %d%% of %d tensors (%.1f s)", self.model_dir, 25 * self._next_mark, self.total,
+                     time.monotonic() - self.started)
+            self._next_mark += 1
 
 
 # ---- reading one rank's part ----------------------------------------------------------------

@@ -125,6 +125,17 @@ def test_hostile_chat_inputs_get_clean_errors(live, body, status, param):
     assert error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "lookup"}}])
+def test_thinking_mode_rejects_forced_tool_choice_like_deepseek(live, tool_choice):
+    thinking = _post(live, "/v1/chat/completions", {"model": "deepseek-v4-pro", "max_tokens": 2, "messages": USER,
+                                                    "tools": [TOOL], "tool_choice": tool_choice})
+    assert thinking.status_code == 400
+    assert _error(thinking)["message"] == "Thinking mode does not support this tool_choice"
+    assert _error(thinking)["param"] == "tool_choice"
+    chat = _post(live, "/v1/chat/completions", _chat(tools=[TOOL], tool_choice=tool_choice))
+    assert chat.status_code == 200, chat.text  # chat mode accepts it (not enforced: no grammar)
+
+
 def test_passback_error_uses_deepseeks_message(live):
     resp = _post(live, "/v1/chat/completions", HOSTILE[-1][0])
     assert "The `reasoning_content` in the thinking mode must be passed back to the API" in _error(resp)["message"]

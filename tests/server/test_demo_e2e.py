@@ -42,9 +42,10 @@ def _schema(conv, name):
 
 
 def test_tool_call_streams_piecewise_then_tool_result_gives_an_answer(client):
-    conv = _conversations("tool_call")[0]
+    # Chat mode, greedy: thinking mode samples at the checkpoint's temperature 1 (DeepSeek's rule).
+    conv = _conversations("tool_call", thinking=False)[0]
     stream = client.chat.completions.create(model="deepseek-v4-flash", messages=conv.prompt_messages(),
-                                            tools=conv.tools, stream=True, max_tokens=200,
+                                            tools=conv.tools, stream=True, max_tokens=200, temperature=0,
                                             extra_body=_thinking(conv))
     calls, pieces, finish, reasoning = {}, 0, None, ""
     for chunk in stream:
@@ -75,7 +76,7 @@ def test_tool_call_streams_piecewise_then_tool_result_gives_an_answer(client):
     for c in calls.values():
         history.append({"role": "tool", "tool_call_id": c["id"], "content": json.dumps({"status": "ok"})})
     reply = client.chat.completions.create(model="deepseek-v4-flash", messages=history, tools=conv.tools,
-                                           max_tokens=200, extra_body=_thinking(conv))
+                                           max_tokens=200, temperature=0, extra_body=_thinking(conv))
     choice = reply.choices[0]
     assert choice.finish_reason == "stop" and choice.message.content and not choice.message.tool_calls
 
@@ -83,7 +84,7 @@ def test_tool_call_streams_piecewise_then_tool_result_gives_an_answer(client):
 def test_thinking_lands_in_reasoning_content(client):
     conv = _conversations("no_tool", thinking=True)[0]
     reply = client.chat.completions.create(model="deepseek-reasoner", messages=conv.prompt_messages(),
-                                           max_tokens=200)
+                                           max_tokens=200, seed=0)  # sampled (temperature 1), reproducibly
     msg = reply.choices[0].message
     assert msg.reasoning_content and msg.content
     assert "</think>" not in msg.content and "<think>" not in msg.reasoning_content
@@ -93,7 +94,7 @@ def test_thinking_lands_in_reasoning_content(client):
 def test_non_thinking_mode_has_no_reasoning(client):
     conv = _conversations("chat", thinking=False)[0]
     reply = client.chat.completions.create(model="deepseek-chat", messages=conv.prompt_messages(),
-                                           max_tokens=100)
+                                           max_tokens=100, temperature=0)
     msg = reply.choices[0].message
     assert msg.content and not getattr(msg, "reasoning_content", None)
     assert reply.choices[0].finish_reason == "stop"
@@ -103,5 +104,5 @@ def test_json_mode_parses(client):
     for conv in _conversations("json")[:2]:
         reply = client.chat.completions.create(model="deepseek-v4-flash", messages=conv.prompt_messages(),
                                                response_format={"type": "json_object"}, max_tokens=200,
-                                               extra_body=_thinking(conv))
+                                               temperature=0, seed=0, extra_body=_thinking(conv))
         assert isinstance(json.loads(reply.choices[0].message.content), dict)
