@@ -1,6 +1,7 @@
 """AsyncEngine: the server-facing engine. The step loop runs in a background thread; each
 request's ``RequestOutput`` deltas are handed to a sink on the caller's event loop (``submit``;
-``generate`` wraps one in an async iterator).
+``generate`` wraps one in an async iterator). The text of each output is made there too, by the
+request's ``TextStream`` (detokenizing, stop strings), not on the loop thread.
 
 Only the loop thread touches the ``EngineCore``: ``generate`` and ``abort`` post commands to a
 thread-safe inbox that the loop drains between steps, so aborts land at step boundaries and
@@ -20,6 +21,7 @@ from engine.engine_config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.outputs import RequestOutput, StepStats
 from engine.sampling_params import SamplingParams
+from engine.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +119,11 @@ class AsyncEngine:
     # ---- requests ------------------------------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: OutputSink,
                cache_salt: str = "", cache_hints: CacheHints | None = None) -> None:
-        """Start a request: the loop thread hands each output straight to ``sink`` on the calling
-        event loop (``call_soon_threadsafe``), no queue or task in between; the last call gets
-        a finished output or the exception that ended the request. Raises EngineDead,
-        EngineOverloaded or ValueError at once when the request cannot be accepted."""
+        """Start a request: the loop thread hands each output straight to the calling event loop
+        (``call_soon_threadsafe``), where the request's ``TextStream`` adds its text and passes
+        it to ``sink``; no queue or task in between. The last call gets a finished output or the
+        exception that ended the request. Raises EngineDead, EngineOverloaded or ValueError at
+        once when the request cannot be accepted."""
         if self.fatal_error is not None:
             raise EngineDead(self.fatal_error)
         if self._stopping:
@@ -134,9 +137,27 @@ class AsyncEngine:
             waiting = self.core.last_step_stats.num_waiting + self._inbox.qsize()
             if waiting >= self.max_queue:
                 raise EngineOverloaded(f"too many queued requests ({waiting}); retry later")
-            self._streams[request_id] = (asyncio.get_running_loop(), sink)
+            self._streams[request_id] = (asyncio.get_running_loop(), self._text_sink(request_id, prompt_ids, params, sink))
         self._inbox.put(("add", request_id, list(prompt_ids), params, cache_salt, cache_hints, time.monotonic()))
         self._wake.set()
+
+    def _text_sink(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: OutputSink) -> OutputSink:
+        """``sink`` behind the request's TextStream; a stop string finishes the request in the core."""
+        text = TextStream(self.core.tokenizer, prompt_ids, params)
+
+        def deliver(item) -> None:
+            if isinstance(item, BaseException):
+                if not text.finished:
+                    sink(item)
+                return
+            shown, stopped_now = text.apply(item)
+            if stopped_now:
+                self._inbox.put(("finish", request_id, shown.finish_reason, shown.stop_reason))
+                self._wake.set()
+            if shown is not None:
+                sink(shown)
+
+        return deliver
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        cache_salt: str = "", cache_hints: CacheHints | None = None) -> AsyncIterator[RequestOutput]:
@@ -213,6 +234,8 @@ class AsyncEngine:
                     self._deliver(rid, e)
             elif cmd[0] == "abort":
                 self.core.abort(cmd[1])
+            elif cmd[0] == "finish":
+                self.core.finish_request(*cmd[1:])
 
     def _deliver(self, request_id: str, item) -> None:
         last = isinstance(item, BaseException) or item.finished

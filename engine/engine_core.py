@@ -1,21 +1,19 @@
-"""EngineCore: the synchronous loop. ``step()`` = schedule → run → update → detokenize.
+"""EngineCore: the synchronous loop. ``step()`` = schedule → run → update → token deltas.
 
-It owns the scheduler (pure Python), the model runner (tensors) and per-request text state
-(incremental detokenizer + stop strings). ``LLM`` drives it directly; ``AsyncEngine`` drives it
-from a background thread.
+It owns the scheduler (pure Python) and the model runner (tensors). Its outputs carry token ids;
+the text (detokenizing, stop strings) is made by each request's ``TextStream`` on the consumer's
+side, which finishes a request on a stop string through ``finish_request``. ``LLM`` drives the
+core directly; ``AsyncEngine`` drives it from a background thread.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-
 import torch
 
 from engine.core.cache_layout import CacheLayout, CachePool
 from engine.model.config import ModelConfig
 from engine.default_model import default_model_dir
-from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_config import EngineConfig
 from engine.worker.kv_cache import CacheShape
 from engine.core.kv_cache_manager import KVCacheManager
@@ -23,19 +21,11 @@ from engine.outputs import RequestMetrics, RequestOutput, StepStats, TokenLogpro
 from engine.core.request import CacheHints, Request
 from engine.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerConfig
-from engine.core.stopping import StopChecker
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 256 * 1024 * 1024
-
-
-@dataclass
-class _TextState:
-    detok: IncrementalDetokenizer | None
-    stop: StopChecker | None
-    wants_logprobs: bool
 
 
 class EngineCore:
@@ -83,7 +73,6 @@ class EngineCore:
                             max_model_len=self.max_model_len),
             self.kv_manager,
         )
-        self._text: dict[str, _TextState] = {}
         self._requests: dict[str, Request] = {}  # live requests (the scheduler drops finished ones)
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self.layout = layout
@@ -137,19 +126,21 @@ class EngineCore:
         req = Request(request_id, list(prompt_ids), params, self.model_config.eos_token_id,
                       time.monotonic() if arrival_time is None else arrival_time, cache_salt=cache_salt,
                       cache_hints=cache_hints or CacheHints())
-        self._text[request_id] = _TextState(
-            IncrementalDetokenizer(self.tokenizer, prompt_ids[-8:], params.skip_special_tokens)
-            if self.tokenizer else None,
-            StopChecker(params.stop, params.include_stop_str_in_output) if params.stop else None,
-            params.logprobs is not None,
-        )
         self._requests[request_id] = req
         self.scheduler.add_request(req)
 
     def abort(self, request_id: str) -> None:
         req = self.scheduler.abort_request(request_id)
         if req is not None:
-            self._pending.append(self._output(req, [], "", "abort"))
+            self._pending.append(self._output(req, [], "abort"))
+            self._forget(request_id)
+
+    def finish_request(self, request_id: str, reason: str, stop_reason: int | str | None = None) -> None:
+        """End a running request from outside (its stream matched a stop string); its KV is
+        kept as an end-of-output checkpoint like any normal finish."""
+        req = self.scheduler.finish_request(request_id, reason, stop_reason)
+        if req is not None:
+            self._pending.append(self._output(req, [], reason, stop_reason=stop_reason))
             self._forget(request_id)
 
     def has_unfinished(self) -> bool:
@@ -175,28 +166,17 @@ class EngineCore:
         num_prompt_tokens = num_generation_tokens = 0
         for delta in deltas:
             req = self._requests.get(delta.request_id)
-            text_state = self._text.get(delta.request_id)
-            if req is None or text_state is None:
+            if req is None:
                 continue
             num_generation_tokens += len(delta.new_token_ids)
             if delta.new_token_ids and req.num_output_tokens == len(delta.new_token_ids):
                 num_prompt_tokens += req.num_prompt_tokens  # prefill done (once: not again after a preemption)
-            detok = text_state.detok
-            text = detok.add_tokens(delta.new_token_ids) if detok else ""
             finished, reason, stop_reason = delta.finished, delta.finish_reason, delta.stop_reason
-            if finished and detok:
-                text += detok.flush()
-            if text_state.stop is not None:
-                text, matched = text_state.stop.cut(text, finished)
-                if matched is not None:  # the stop string is the reason even if a token rule also hit
-                    if not finished:
-                        self.scheduler.finish_request(delta.request_id, "stop", matched)
-                    finished, reason, stop_reason = True, "stop", matched
             logprobs = None
-            if text_state.wants_logprobs and delta.request_id in sampled:
+            if req.sampling_params.logprobs is not None and delta.request_id in sampled:
                 s = sampled[delta.request_id]
                 logprobs = [TokenLogprob(s.token_id, s.logprob, list(s.top_logprobs or []))]
-            outputs.append(self._output(req, delta.new_token_ids, text, reason if finished else None,
+            outputs.append(self._output(req, delta.new_token_ids, reason if finished else None,
                                         finished=finished, stop_reason=stop_reason, logprobs=logprobs))
             if finished:
                 self._forget(delta.request_id)
@@ -242,19 +222,18 @@ class EngineCore:
         for ch in sched_out.chunks:
             req = self.scheduler.finish_request(ch.request_id, "error", message)
             if req is not None:
-                outs.append(self._output(req, [], "", "error", finished=True, stop_reason=message))
+                outs.append(self._output(req, [], "error", finished=True, stop_reason=message))
                 self._forget(ch.request_id)
         return outs
 
     def _forget(self, request_id: str) -> None:
-        self._text.pop(request_id, None)
         self._requests.pop(request_id, None)
         self.runner.release(request_id)
 
-    def _output(self, req: Request, new_ids, text, reason, finished=True, stop_reason=None, logprobs=None):
+    def _output(self, req: Request, new_ids, reason, finished=True, stop_reason=None, logprobs=None):
         reason = reason.value if hasattr(reason, "value") else reason
         return RequestOutput(
-            request_id=req.request_id, new_token_ids=list(new_ids), new_text=text, finished=finished,
+            request_id=req.request_id, new_token_ids=list(new_ids), new_text="", finished=finished,
             finish_reason=reason if finished else None,
             stop_reason=stop_reason if finished else None,
             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(0, req.num_cached_tokens),

@@ -12,6 +12,7 @@ from engine.engine_config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.outputs import CompletionOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
+from engine.text_stream import TextStream
 
 
 class LLM:
@@ -35,19 +36,25 @@ class LLM:
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
-        order, collected = [], {}
+        order, collected, texts = [], {}, {}
         for prompt, p in zip(prompts, params_list):
             if isinstance(prompt, str) and self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer.json: pass prompts as token ids")
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             rid = f"llm-{next(self._ids)}"
             self.engine.add_request(rid, ids, p)
+            texts[rid] = TextStream(self.tokenizer, ids, p)
             order.append(rid)
             collected[rid] = CompletionOutput(rid, ids, [], "", None, logprobs=[] if p.logprobs is not None else None)
         while self.engine.has_unfinished():
             for out in self.engine.step():
                 c = collected.get(out.request_id)
                 if c is None:
+                    continue
+                out, stopped_now = texts[out.request_id].apply(out)
+                if stopped_now:
+                    self.engine.finish_request(out.request_id, out.finish_reason, out.stop_reason)
+                if out is None:  # after a stop string: what the engine ran meanwhile is not output
                     continue
                 c.token_ids += out.new_token_ids
                 c.text += out.new_text

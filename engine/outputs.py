@@ -26,7 +26,9 @@ class RequestOutput:
 
     ``new_text`` is the newly stable detokenized text (control tokens dropped unless
     ``SamplingParams.skip_special_tokens`` is off, as for chat; stop strings
-    already applied and cut); concatenating every ``new_text`` gives the full output text."""
+    already applied and cut); concatenating every ``new_text`` gives the full output text. The
+    engine core leaves it empty: the request's ``TextStream`` (engine/text_stream.py) fills it
+    where the stream is consumed (``AsyncEngine`` sinks, ``LLM``)."""
 
     request_id: str
     new_token_ids: list[int]

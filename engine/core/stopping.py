@@ -2,10 +2,11 @@
 
 Token rules (`token_stop`, checked by the scheduler on each sampled token): EOS unless
 `ignore_eos`, then `stop_token_ids`, both only once `min_tokens` are out; `max_tokens`; the
-context window (`max_model_len`). Text rule (`StopChecker`, fed with the detokenized text of
-each step by the engine core): the first stop string. A text stop finishes the request through
-the scheduler like a token stop (finish reason "stop", the matched string as `stop_reason`);
-when both hit in the same step the stop string is the reported reason and its cut applies.
+context window (`max_model_len`). Text rule (`StopChecker`, fed with each output's detokenized
+text by the request's `TextStream`, engine/text_stream.py, where the stream is consumed): the
+first stop string. A text stop ends the stream at once and finishes the request in the scheduler
+(`EngineCore.finish_request`; finish reason "stop", the matched string as `stop_reason`); when
+both hit in the same output the stop string is the reported reason and its cut applies.
 Aborts and errors are not stops: the scheduler and the engine core end those.
 """
 
