@@ -3,6 +3,9 @@
 Routes (api-surface §1, §5):
 - `POST /chat/completions` under `/`, `/v1`, `/beta`, `/v1/beta` (`prefix` only under beta);
 - `POST /completions` (FIM) under `/v1`, `/beta`, `/v1/beta`;
+- `POST /anthropic/v1/messages`, `/v1/messages` (+ `/count_tokens`): Anthropic Messages
+  (server/anthropic_messages.py; `x-api-key` accepted as the key everywhere);
+- `POST /responses`, `/v1/responses`: OpenAI Responses, stateless (server/responses_api.py);
 - `GET /models`, `/v1/models`; `GET /user/balance`, `/v1/user/balance` (a fixed "available" record);
 - `GET /health` (200 empty; 503 while shutting down or after a fatal engine error), `/version`,
   `/metrics`;
@@ -29,6 +32,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
+from server.anthropic_messages import CountTokensRequest, MessagesRequest, count_tokens, create_message
 from server.chat import api_messages, create_chat_completion, resolve_thinking
 from server.chat_template import render_messages
 from server.completions import create_completion
@@ -37,12 +41,14 @@ from server.metrics import Metrics
 from server.protocol import (
     MAX_OUTPUT_TOKENS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_body,
 )
+from server.responses_api import ResponsesRequest, create_response
 from server.serve_config import ServeConfig, ServerContext
 
 logger = logging.getLogger(__name__)
 
 CHAT_PREFIXES = ("", "/v1", "/beta", "/v1/beta")
 COMPLETION_PREFIXES = ("/v1", "/beta", "/v1/beta")
+ANTHROPIC_PREFIXES = ("/anthropic", "")  # the Anthropic SDK appends /v1/messages to its base URL
 EFFORT_LEVELS = {"supported_levels": ["low", "high", "max"], "default_level": "high"}
 
 
@@ -102,6 +108,7 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""
+        token = token or request.headers.get("x-api-key", "").strip()  # Anthropic clients' header
         if not any(hmac.compare_digest(token.encode(), key.encode()) for key in config.api_keys):
             raise authentication_failed(token or None)
 
@@ -131,6 +138,22 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
                           dependencies=guarded)
     for prefix in COMPLETION_PREFIXES:
         app.add_api_route(f"{prefix}/completions", completions, methods=["POST"], dependencies=guarded)
+
+    async def messages(request: Request):
+        return await create_message(ctx, request, parse_body(await read_json(request), MessagesRequest))
+
+    async def messages_count_tokens(request: Request):
+        return count_tokens(ctx, parse_body(await read_json(request), CountTokensRequest))
+
+    async def responses(request: Request):
+        return await create_response(ctx, request, parse_body(await read_json(request), ResponsesRequest))
+
+    for prefix in ("", "/v1"):
+        app.add_api_route(f"{prefix}/responses", responses, methods=["POST"], dependencies=guarded)
+    for prefix in ANTHROPIC_PREFIXES:
+        app.add_api_route(f"{prefix}/v1/messages", messages, methods=["POST"], dependencies=guarded)
+        app.add_api_route(f"{prefix}/v1/messages/count_tokens", messages_count_tokens, methods=["POST"],
+                          dependencies=[Depends(authorize)])
 
     # ---- models and account ----------------------------------------------------------------
 

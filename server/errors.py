@@ -106,30 +106,45 @@ def from_validation_error(err: ValidationError | RequestValidationError) -> APIE
         f"Failed to deserialize the JSON body into the target type: {where}{first.get('msg')}", param)
 
 
-def _response(error: APIError, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
+# Anthropic Messages routes answer in Anthropic's error shape (same status codes).
+ANTHROPIC_PATHS = ("/anthropic/", "/v1/messages")
+_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                          404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
+                          429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_body(error: APIError) -> dict:
+    """`{"type": "error", "error": {"type", "message"}}` (Anthropic's envelope and type names)."""
+    kind = _ANTHROPIC_ERROR_TYPES.get(error.status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def _response(error: APIError, request: Request, headers: dict | None = None) -> JSONResponse:
+    is_anthropic = request.url.path.startswith(ANTHROPIC_PATHS)
+    body = anthropic_error_body(error) if is_anthropic else error.to_dict()
+    return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return _response(exc)
+        return _response(exc, request)
 
     @app.exception_handler(ChatTemplateError)
     async def _template_error(request: Request, exc: ChatTemplateError):
-        return _response(invalid_request(str(exc), exc.param))
+        return _response(invalid_request(str(exc), exc.param), request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        return _response(from_validation_error(exc))
+        return _response(from_validation_error(exc), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         code = "not_found" if exc.status_code == 404 else INVALID_REQUEST
-        return _response(APIError(exc.status_code, str(exc.detail), code=code), getattr(exc, "headers", None))
+        return _response(APIError(exc.status_code, str(exc.detail), code=code), request, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return _response(APIError(500, "Server Error: an internal error occurred, retry after a wait",
-                                  type="server_error", code="server_error"))
+                                  type="server_error", code="server_error"), request)

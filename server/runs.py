@@ -27,7 +27,9 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from server.protocol import UsageCounts
 from server.serve_config import ServerContext
-from server.streaming import EngineJob, json_response, keepalive_events, sse_response, wait_first
+from server.streaming import (
+    CHAT_CHUNKS, EngineJob, SseDialect, json_response, keepalive_events, sse_response, wait_first,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +91,8 @@ class Choice:
 
 class Run(ABC):
     """The choices of one request, their engine job, and the bill (settled once)."""
+
+    dialect: SseDialect = CHAT_CHUNKS  # how this API frames its stream
 
     def __init__(self, ctx: ServerContext, plan: RunPlan, choices: list[Choice]):
         self.ctx = ctx
@@ -157,6 +161,7 @@ class Run(ABC):
         first = await wait_first(self.job, interval)
         if self.plan.stream:
             events = keepalive_events(self.job, first, interval, self.render)
-            return sse_response(events, self.job, self.id, self.ctx.config.drain_timeout, on_close=self.on_closed)
+            return sse_response(events, self.job, self.id, self.ctx.config.drain_timeout, on_close=self.on_closed,
+                                dialect=self.dialect)
         return await json_response(request, self.job, first, self.consume, self.body, interval, self.id,
                                    on_close=self.on_closed)

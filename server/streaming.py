@@ -176,10 +176,30 @@ async def wait_first(job: EngineJob, interval: float):
 # ---------------------------------------------------------------------------- SSE
 
 
+@dataclass(frozen=True)
+class SseDialect:
+    """How one API frames its stream: OpenAI chat chunks (`data:` only, `data: [DONE]` last)
+    or named events (`event: <type>` before each `data:`, as Anthropic and OpenAI Responses
+    stream, with no end marker). `error` turns a late APIError into the in-band event."""
+
+    named: bool = False
+    done: str | None = "[DONE]"
+    error: Callable[[APIError], dict] = APIError.to_dict
+
+
+CHAT_CHUNKS = SseDialect()
+
+
+def _sse_event(event: dict, dialect: SseDialect) -> ServerSentEvent | str:
+    data = json.dumps(event, ensure_ascii=False)
+    return ServerSentEvent(data, event=event["type"], sep=SSE_SEPARATOR) if dialect.named else data
+
+
 def sse_response(events: AsyncIterator[dict | None], job: EngineJob, request_id: str,
-                 drain_timeout: float, on_close: Callable[[], None] | None = None) -> EventSourceResponse:
-    """Frame `events` (dicts become `data: <json>`) then `data: [DONE]`. `events` yields None
-    while the request is waiting; each None becomes a `: keep-alive` comment."""
+                 drain_timeout: float, on_close: Callable[[], None] | None = None,
+                 dialect: SseDialect = CHAT_CHUNKS) -> EventSourceResponse:
+    """Frame `events` (dicts become `data: <json>`) then the dialect's end marker. `events`
+    yields None while the request is waiting; each None becomes a `: keep-alive` comment."""
 
     async def framed():
         try:
@@ -187,17 +207,20 @@ def sse_response(events: AsyncIterator[dict | None], job: EngineJob, request_id:
                 if event is None:
                     yield ServerSentEvent(comment="keep-alive", sep=SSE_SEPARATOR)
                 else:
-                    yield json.dumps(event, ensure_ascii=False)
-            yield "[DONE]"
+                    yield _sse_event(event, dialect)
+            if dialect.done is not None:
+                yield dialect.done
         except JobClosed:
             return
-        except APIError as err:  # headers are out: report in-band, which the OpenAI SDK raises
-            yield json.dumps(err.to_dict(), ensure_ascii=False)
-            yield "[DONE]"  # a clean end, so clients do not wait for more
+        except APIError as err:  # headers are out: report in-band, which the SDKs raise
+            yield _sse_event(dialect.error(err), dialect)
+            if dialect.done is not None:
+                yield dialect.done  # a clean end, so clients do not wait for more
         except Exception:
             logger.exception("stream %s failed", request_id)
-            yield json.dumps(_stream_failure().to_dict())
-            yield "[DONE]"
+            yield _sse_event(dialect.error(_stream_failure()), dialect)
+            if dialect.done is not None:
+                yield dialect.done
         finally:
             _close(job, on_close)
 
