@@ -17,7 +17,8 @@ Policies (DeepSeek's Anthropic guide, api-surface §5.4):
   one replays empty reasoning (Anthropic clients may drop thinking blocks).
 - `tool_choice`: auto, any (= required), tool (= named), none; `disable_parallel_tool_use`,
   `cache_control`, `citations`, `top_k` 0 and `metadata` other than `user_id` are ignored;
-  image / document blocks are a 400 (text-only model). `tool_result.is_error` prefixes
+  image / document blocks are a 400 (text-only model). A `seed` field (an extension, as on
+  the chat route) makes sampling reproducible. `tool_result.is_error` prefixes
   "Error: " to the result text.
 - Thinking signatures are a digest of the thinking text (nothing is verified on the way back).
 - stop_reason: end_turn, max_tokens, stop_sequence (with the matched string), tool_use.
@@ -218,7 +219,8 @@ def to_chat_request(ctx: ServerContext, req: MessagesRequest) -> ChatCompletionR
         model=chat_model_name(ctx, req.model), messages=chat_messages(req.system, req.messages),
         max_tokens=req.max_tokens, stop=req.stop_sequences, stream=req.stream, temperature=req.temperature,
         top_p=req.top_p, tools=chat_tools(req.tools), tool_choice=chat_tool_choice(req.tool_choice),
-        thinking=thinking, reasoning_effort=effort, user_id=user_id if isinstance(user_id, str) else None)
+        thinking=thinking, reasoning_effort=effort, user_id=user_id if isinstance(user_id, str) else None,
+        seed=(req.model_extra or {}).get("seed"))
 
 
 # ---------------------------------------------------------------------------- the reply

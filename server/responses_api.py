@@ -24,6 +24,7 @@ Policies:
 - Tools: `function` tools only (others are a 400); `tool_choice` auto / none / required /
   `{"type": "function", "name"}`. `text.format` is the chat `response_format` (text,
   json_object, json_schema).
+- A `seed` field (an extension, as on the chat route) makes sampling reproducible.
 - usage: `input_tokens` (cached ones in `input_tokens_details.cached_tokens`), `output_tokens`
   with `output_tokens_details.reasoning_tokens`.
 """
@@ -202,7 +203,8 @@ def to_chat_request(ctx: ServerContext, req: ResponsesRequest) -> ChatCompletion
         model=req.model, messages=chat_messages(req.instructions, req.input), max_tokens=req.max_output_tokens,
         stream=req.stream, temperature=req.temperature, top_p=req.top_p, tools=chat_tools(req.tools),
         tool_choice=chat_tool_choice(req.tool_choice), reasoning_effort=effort,
-        response_format=chat_response_format(req.text), user=req.safety_identifier or req.user)
+        response_format=chat_response_format(req.text), user=req.safety_identifier or req.user,
+        seed=(req.model_extra or {}).get("seed"))
 
 
 # ---------------------------------------------------------------------------- the reply
