@@ -13,19 +13,19 @@ import torch
 from engine.core.cache_layout import CachePool
 from engine.model.config import ModelConfig
 from engine.worker.kv_cache import CacheShape
-from engine.core.kv_cache_manager import CacheCopy
+from engine.core.kv_cache_manager import BlockTable, CacheCopy
+from engine.core.scheduler import ScheduledChunk
 from engine.model.loader import CheckpointError, CheckpointReader, load_weights
 from engine.model.deepseek_v4 import DeepseekV4, Parallel
 from engine.model.sharding import Split
 from engine.worker.model_runner import ModelRunner
 from engine.distributed.failures import ParallelWorkerError
 from engine.distributed.memory import weight_bytes
-from engine.distributed.messages import BlockRefs, ChunkSpec
 from engine.distributed.parallel import ParallelModelRunner
 
 SHAPE = CacheShape(num_window_slots=3, num_state_slots=3, num_c4_blocks=6, num_c128_blocks=3)
 # Scattered blocks on purpose. "c" continues from a snapshot of "a" taken after a's prompt.
-TABLES = {"a": BlockRefs(0, 0, [3, 0], [2]), "b": BlockRefs(1, 1, [5], [0]), "c": BlockRefs(2, 2, [1, 4], [1])}
+TABLES = {"a": BlockTable(0, 0, [3, 0], [2]), "b": BlockTable(1, 1, [5], [0]), "c": BlockTable(2, 2, [1, 4], [1])}
 SNAPSHOT_A_TO_C = [CacheCopy(CachePool.WINDOW, 0, 2), CacheCopy(CachePool.STATE, 0, 2),
                    CacheCopy(CachePool.C4, 3, 1), CacheCopy(CachePool.C4, 0, 4), CacheCopy(CachePool.C128, 2, 1)]
 DECODE_STEPS = 16
@@ -36,7 +36,7 @@ def _prompt(n, mult, vocab):
 
 
 def _chunk(name, ids, start):
-    return ChunkSpec(list(ids), start, True, TABLES[name])
+    return ScheduledChunk(name, list(ids), start, True, TABLES[name])
 
 
 def run_schedule(runner, vocab):

@@ -1,8 +1,9 @@
 """What the driver (rank 0) sends the workers on the control group: picklable, torch-light.
 
 ``Command`` carries one step (``forward``: chunks + cache copies), the one-time model settings
-(``init``: ``ModelSpec``), a cache allocation, a memory report request or the shutdown. A
-chunk's cache handles travel as ``BlockRefs`` (the part of a ``BlockTable`` the forward reads).
+(``init``: ``ModelSpec``), a cache allocation, a memory report request or the shutdown. Chunks
+travel as the scheduler's own ``ScheduledChunk`` with a copy of its ``BlockTable`` (plain ints
+and lists): one type for a sequence's cache handles on every rank.
 """
 from __future__ import annotations
 
@@ -11,25 +12,8 @@ from typing import Any
 
 import torch
 
+from engine.core.scheduler import ScheduledChunk
 from engine.model.config import ModelConfig
-
-
-@dataclass
-class BlockRefs:
-    """The cache handles of one chunk (what ``ModelRunner.forward`` reads of a BlockTable)."""
-
-    window_slot: int
-    state_slot: int | None
-    c4_blocks: list[int]
-    c128_blocks: list[int]
-
-
-@dataclass
-class ChunkSpec:
-    token_ids: list[int]
-    start_pos: int
-    sample: bool
-    block_table: BlockRefs
 
 
 @dataclass
@@ -51,7 +35,6 @@ class Command:
     payload: Any = None
 
 
-def chunk_spec(ch) -> ChunkSpec:
-    bt = ch.block_table
-    return ChunkSpec(list(ch.token_ids), ch.start_pos, ch.sample,
-                     BlockRefs(bt.window_slot, bt.state_slot, list(bt.c4_blocks), list(bt.c128_blocks)))
+def chunk_message(ch: ScheduledChunk) -> ScheduledChunk:
+    """A chunk as sent to the workers: a snapshot, so later table growth on rank 0 cannot race it."""
+    return ScheduledChunk(ch.request_id, list(ch.token_ids), ch.start_pos, ch.sample, ch.block_table.copy())

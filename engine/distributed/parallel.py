@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 from engine.distributed.failures import DriverGroup, ParallelWorkerError
 from engine.distributed.groups import DEFAULT_TIMEOUT_S, GroupSpec, build_runner, env_group_spec, free_port
 from engine.distributed.memory import RankMemory, rank_memory
-from engine.distributed.messages import Command, ModelSpec, chunk_spec
+from engine.distributed.messages import Command, ModelSpec, chunk_message
 from engine.distributed.worker import spawned_worker_main
 from engine.model.config import ModelConfig
 from engine.model.deepseek_v4 import DeepseekV4
@@ -59,7 +59,7 @@ class _LockstepRunner(ModelRunner):
 
     def forward(self, chunks, copies_before=(), copies_after=()):
         chunks, before, after = list(chunks), list(copies_before), list(copies_after)
-        self._group.send(Command("forward", ([chunk_spec(c) for c in chunks], before, after)))
+        self._group.send(Command("forward", ([chunk_message(c) for c in chunks], before, after)))
         with self._group.guard("forward"):
             return super().forward(chunks, before, after)
 
