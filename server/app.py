@@ -205,7 +205,7 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
             # Same pieces as a chat request: message text never becomes a control token.
             tokens = engine.tokenizer.encode_prompt(render_messages(
                 api_messages(req.messages), thinking=thinking, reasoning_effort=effort, tools=req.tools,
-                add_generation_prompt=req.add_generation_prompt))
+                add_generation_prompt=req.add_generation_prompt, replay=ctx.tool_call_replay.generated_pieces))
         else:
             tokens = engine.tokenizer.encode(req.prompt)  # a raw prompt may spell control tokens on purpose
         body = {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}

@@ -48,6 +48,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import Control
 from server.cache_hints import chat_cache_hints
 from server.chat_template import THINK_END, ends_inside_reasoning, render_messages
 from server.errors import APIError, invalid_request
@@ -199,7 +200,7 @@ def plan_chat(ctx: ServerContext, req: ChatCompletionRequest, is_beta: bool) -> 
     render_options = dict(thinking=thinking, reasoning_effort=effort, tools=tools,
                           response_format=req.response_format if json_mode else None)
     messages = api_messages(req.messages)
-    prompt = render_messages(messages, **render_options)
+    prompt = render_messages(messages, replay=ctx.tool_call_replay.generated_pieces, **render_options)
     prompt_ids = ctx.engine.tokenizer.encode_prompt(prompt)
     starts_in_reasoning = ends_inside_reasoning(prompt)
     hints = chat_cache_hints(messages, prompt_ids, ctx.engine.tokenizer, starts_in_reasoning=starts_in_reasoning,
@@ -246,6 +247,7 @@ class ChatChoice(Choice):
     eos_id: int
     num_reasoning_tokens: int = 0
     has_started: bool = False
+    generated_ids: list[int] = field(default_factory=list)  # every sampled token (tool-call replay)
     logprobs: dict = field(default_factory=lambda: {"content": [], "reasoning_content": []})
     pending_logprobs: dict = field(default_factory=lambda: {"content": [], "reasoning_content": []})
 
@@ -263,6 +265,7 @@ class ChatChoice(Choice):
                 item = logprob_entry(token_table, e.token_id, e.logprob, e.top, top_n)
                 self.logprobs[part].append(item)
                 self.pending_logprobs[part].append(item)
+        self.generated_ids += out.new_token_ids
         deltas = self.parser.feed(out.new_text)
         if out.finished:
             deltas += self.parser.finish()
@@ -278,6 +281,30 @@ class ChatChoice(Choice):
     @property
     def complete_calls(self) -> list:
         return [call for call in self.parser.tool_calls if call.is_complete]
+
+    def generated_after_reasoning(self, starts_in_reasoning: bool, tokenizer) -> list[str] | None:
+        """Prompt pieces for what the model generated after `</think>` (all of it outside
+        thinking), EOS excluded: its control tokens as `Control`s, the text between them plain,
+        so `encode_prompt` gives the generated ids back. None when the reasoning never closed."""
+        ids = self.generated_ids
+        if starts_in_reasoning:
+            if self.think_end_id not in ids:
+                return None
+            ids = ids[ids.index(self.think_end_id) + 1:]
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        pieces, run = [], []
+        for token_id in ids:
+            if token_id in tokenizer.control_ids:
+                if run:
+                    pieces.append(tokenizer.decode(run))
+                    run = []
+                pieces.append(Control(tokenizer.id_to_token(token_id)))
+            else:
+                run.append(token_id)
+        if run:
+            pieces.append(tokenizer.decode(run))
+        return pieces
 
     def natural_finish(self) -> str:
         return "tool_calls" if self.complete_calls else "stop"
@@ -379,6 +406,15 @@ class ChatRun(Run):
         for choice in self.choices:
             for kind in tool_call_problems(choice.parser, self.plan.tools):
                 self.ctx.count_tool_parse_error(kind)
+            self._remember_tool_calls(choice)
+
+    def _remember_tool_calls(self, choice: ChatChoice) -> None:
+        """Let a later request that passes these calls back render the generated tokens."""
+        calls = choice.complete_calls
+        pieces = choice.generated_after_reasoning(self.plan.starts_in_reasoning, self.ctx.engine.tokenizer) \
+            if calls else None
+        if pieces is not None:
+            self.ctx.tool_call_replay.remember(_wire_calls(calls), choice.parser.content, pieces)
 
     # ---- non-streaming ---------------------------------------------------------------------
 
@@ -407,9 +443,7 @@ class ChatRun(Run):
                 message["tool_call_error"] = markup_error
             calls = choice.complete_calls
             if calls:
-                message["tool_calls"] = [
-                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                    for c in calls]
+                message["tool_calls"] = _wire_calls(calls)
             logprobs = None
             if self.plan.logprobs:
                 logprobs = {"content": choice.logprobs["content"]}
@@ -440,6 +474,10 @@ class ChatRun(Run):
             usage = self.settle() if self.job.is_done else _OMIT
             chunks.append(self.format.chunk(index, final_delta, choice.finish_reason, logprobs, usage))
         return chunks
+
+
+def _wire_calls(calls: list) -> list[dict]:
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 
 async def create_chat_completion(ctx: ServerContext, request: Request, req: ChatCompletionRequest,

@@ -151,6 +151,7 @@ class _Turn:
     task: str | None = None
     tools: list[dict] | None = None
     response_format: dict | None = None
+    generated: list[str] | None = None  # pieces of a passed-back tool-call turn as generated (replace text + calls)
 
 
 def _to_json(value: Any) -> str:
@@ -294,7 +295,7 @@ def _check_options(reasoning_effort: Any, effort_table: Any, response_format: An
 
 # ----------------------------------------------------------------------------- building turns
 
-def _build_turns(messages: list[dict], prefix_continuation: bool) -> list[_Turn]:
+def _build_turns(messages: list[dict], prefix_continuation: bool, replay=None) -> list[_Turn]:
     """Merge tool and consecutive user messages into user turns (the reference merge rule:
     a user message joins the previous user turn unless that turn carries a task)."""
     turns: list[_Turn] = []
@@ -320,7 +321,7 @@ def _build_turns(messages: list[dict], prefix_continuation: bool) -> list[_Turn]
                     f"{where}.tool_calls cannot be combined with prefix continuation", f"{where}.tool_calls")
             turns.append(_Turn(role="assistant", text=_parts_to_text(msg.get("content"), f"{where}.content"),
                                reasoning=msg.get("reasoning_content"), tool_calls=calls, is_prefix=is_prefix,
-                               task=task))
+                               task=task, generated=replay(msg) if replay is not None and calls else None))
         else:
             turn = _Turn(role=role, text=_parts_to_text(msg.get("content"), f"{where}.content"), task=task)
             if role in ("system", "developer"):  # the reference also reads tools from these messages
@@ -450,9 +451,12 @@ def _render_assistant(turn: _Turn, *, thinking: bool, keeps_reasoning: bool) -> 
     if thinking and keeps_reasoning:
         continues_reasoning = turn.is_prefix and not turn.text and not turn.tool_calls
         out += [turn.reasoning or ""] + ([] if continues_reasoning else [THINK_END])
-    out.append(turn.text)
-    if turn.tool_calls:
-        out += _render_tool_calls(turn.tool_calls)
+    if turn.generated is not None:
+        out += turn.generated
+    else:
+        out.append(turn.text)
+        if turn.tool_calls:
+            out += _render_tool_calls(turn.tool_calls)
     if not turn.is_prefix:
         out.append(EOS)
     return out
@@ -480,6 +484,7 @@ def render_messages(
     prefix_continuation: bool = False,
     drop_thinking: bool = True,
     effort_table: str = "preview",
+    replay=None,
 ) -> list[str]:
     """Render `messages` (OpenAI chat format) into prompt pieces starting with BOS.
 
@@ -488,7 +493,10 @@ def render_messages(
     `thinking` picks thinking vs chat mode; `drop_thinking` removes reasoning of turns before
     the last user message (forced off when `tools` are given); `prefix_continuation` (or
     `prefix: true` on the last message) renders the last assistant message without EOS so the
-    model continues it. Raises ChatTemplateError (a ValueError) naming the bad field.
+    model continues it. `replay(message)` may return the pieces the model generated for a
+    passed-back assistant tool-call message (server/tool_call_replay.py: its control tokens as
+    `Control`s); they are rendered in place of the message's content and re-serialised calls. Raises ChatTemplateError (a
+    ValueError) naming the bad field.
     """
     if not isinstance(messages, list) or not messages:
         raise ChatTemplateError("messages must contain at least one message", "messages")
@@ -501,7 +509,7 @@ def render_messages(
             f"messages[{len(messages) - 1}] must be an assistant message for prefix continuation",
             f"messages[{len(messages) - 1}].role")
 
-    turns = _build_turns(checked, prefix_continuation)
+    turns = _build_turns(checked, prefix_continuation, replay)
     _order_tool_results(turns)
     _attach_request_extras(turns, functions, response_format)
 

@@ -28,6 +28,7 @@ from server.json_constraint import JsonVocabIndex, TokenTable
 from server.metrics import Metrics, StatsLogger
 from server.pricing import CostBreakdown, PriceTable
 from server.protocol import UsageCounts
+from server.tool_call_replay import ToolCallReplay
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class ServerContext:
         self.system_fingerprint = ""
         self.stats_logger: StatsLogger | None = None
         self._stats_lock = threading.Lock()  # StatsLogger: fed on the engine thread, read on the event loop
+        self.tool_call_replay = ToolCallReplay()  # generated tool-call text by call id (prefix-cache hits)
         self._last_line_idle = False
 
     def on_engine_started(self) -> None:
