@@ -28,6 +28,11 @@ class EngineConfig:
     # Share of the KV budget for checkpoint snapshots (window + state slot + tail blocks each);
     # the default is measured with bench/prefix_replay.py (bench/RESULTS.md).
     prefix_cache_snapshot_share: float = 0.25
+    # Lower tiers for evicted checkpoints (engine/core/checkpoint_store.py): host memory, and a
+    # directory that survives restarts (None: no disk tier), each with a size bound in bytes.
+    prefix_cache_host_memory: int = 1 << 30
+    prefix_cache_dir: str | None = None
+    prefix_cache_dir_size: int = 16 << 30
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
@@ -48,6 +53,19 @@ class EngineConfig:
         share = self.prefix_cache_snapshot_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
             raise ValueError(f"prefix_cache_snapshot_share must be in [0, 1), got {share!r}")
+        for name in ("prefix_cache_host_memory", "prefix_cache_dir_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number of bytes, got {value!r}")
+        if self.prefix_cache_dir is not None:
+            if not isinstance(self.prefix_cache_dir, str) or not self.prefix_cache_dir:
+                raise ValueError(f"prefix_cache_dir must be a directory path, got {self.prefix_cache_dir!r}")
+            if self.prefix_cache_dir_size < 1:
+                raise ValueError("prefix_cache_dir needs prefix_cache_dir_size >= 1 byte")
+            if not self.enable_prefix_cache:
+                raise ValueError("prefix_cache_dir needs prefix caching on")
+            if self.tensor_parallel_size > 1:
+                raise ValueError("prefix_cache_dir is not supported with tensor parallelism (the cache is sharded)")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype not in ("auto", "fp8"):

@@ -8,6 +8,7 @@ core directly; ``AsyncEngine`` drives it from a background thread.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import torch
 
@@ -15,7 +16,9 @@ from engine.core.cache_layout import CacheLayout, CachePool
 from engine.model.config import ModelConfig
 from engine.default_model import default_model_dir
 from engine.engine_config import EngineConfig
+from engine.worker.checkpoint_io import export_units, import_units, layout_signature
 from engine.worker.kv_cache import CacheShape
+from engine.core.checkpoint_store import CheckpointStore
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.outputs import RequestMetrics, RequestOutput, StepStats, TokenLogprob
 from engine.core.request import CacheHints, Request
@@ -76,8 +79,40 @@ class EngineCore:
         self._requests: dict[str, Request] = {}  # live requests (the scheduler drops finished ones)
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self.layout = layout
+        self.checkpoint_store = self._make_checkpoint_store(layout)
         self._counter_totals = self._cumulative_counters()  # baseline for per-step deltas
         self.last_step_stats: StepStats = self._step_stats(0, 0, 0)
+
+    def _make_checkpoint_store(self, layout: CacheLayout) -> CheckpointStore | None:
+        """Host-memory and disk tiers for evicted checkpoints (single-process runners only: a
+        tensor-parallel cache is sharded across ranks)."""
+        cfg = self.config
+        if not cfg.enable_prefix_cache or getattr(self.runner, "cache", None) is None or \
+                cfg.tensor_parallel_size > 1 or not (cfg.prefix_cache_host_memory or cfg.prefix_cache_dir):
+            return None
+        fingerprint = cache_fingerprint(self.model_dir, self.dtype, cfg.kv_cache_dtype, layout,
+                                        self.kv_manager.hash_page, layout_signature(self.runner.cache))
+        store = CheckpointStore(fingerprint, cfg.prefix_cache_host_memory, cfg.prefix_cache_dir,
+                                cfg.prefix_cache_dir_size if cfg.prefix_cache_dir else 0)
+        self.kv_manager.attach_store(store)
+        return store
+
+    def offload_checkpoints(self) -> int:
+        """Evict every device checkpoint into the lower tiers (those worth keeping); how many
+        were evicted. Between steps only (like a prefix-cache reset)."""
+        count = self.kv_manager.evict_all_checkpoints()
+        if self.checkpoint_store is not None:
+            self._run_transfers()
+        return count
+
+    def _run_transfers(self) -> None:
+        """Checkpoint exports (evicted this step: read before anything overwrites their units),
+        then imports (lower-tier hits), before the step's forward."""
+        exports, imports = self.kv_manager.take_transfers()
+        for export in exports:
+            self.kv_manager.store_export(export, export_units(self.runner.cache, export.units))
+        for transfer in imports:
+            import_units(self.runner.cache, transfer.units, transfer.stored.payload)
 
     def _load_tokenizer(self) -> Tokenizer | None:
         """Checkpoints without tokenizer.json (e.g. written by transformers' save_pretrained)
@@ -150,7 +185,12 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """One engine step; its counts and the state after it land in ``last_step_stats``."""
         outputs, self._pending = self._pending, []
+        self.kv_manager.poll_tiers()
         sched_out = self.scheduler.schedule()
+        if self.checkpoint_store is not None:
+            self._run_transfers()
+            if sched_out.is_empty and self.kv_manager.has_pending_loads():
+                time.sleep(0.001)  # only waiting for disk reads: do not spin the loop
         sampled = {}
         if not sched_out.is_empty:
             try:
@@ -248,8 +288,42 @@ class EngineCore:
         return self.scheduler.stats()
 
     def shutdown(self) -> None:
+        """Stop the runner; with checkpoint tiers, first keep the device checkpoints worth
+        keeping (see KVCacheManager.checkpoints_to_keep) and finish the disk writes."""
+        store, self.checkpoint_store = self.checkpoint_store, None
+        if store is not None and not sys.is_finalizing():  # no tensor work during interpreter exit
+            self._run_transfers()
+            for export in self.kv_manager.checkpoints_to_keep():
+                self.kv_manager.store_export(export, export_units(self.runner.cache, export.units))
+            store.wait_idle()
+            store.close()
         if hasattr(self.runner, "shutdown"):
             self.runner.shutdown()
+
+
+def cache_fingerprint(model_dir: str, dtype: torch.dtype, kv_cache_dtype: str, layout: CacheLayout,
+                      hash_page: int, tensor_layout: str) -> str:
+    """What a stored checkpoint must have been written under to be loaded: the model (its
+    config and weight files: names, sizes and their first and last MiB), the model dtype, the
+    KV storage format, the block and hash granularity and the cache tensors' layout."""
+    import hashlib
+    import os
+
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(model_dir)):
+        path = os.path.join(model_dir, name)
+        if name == "config.json" or name.endswith(".safetensors.index.json"):
+            with open(path, "rb") as f:
+                digest.update(name.encode() + f.read())
+        elif name.endswith(".safetensors"):
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(1 << 20)
+                f.seek(max(0, size - (1 << 20)))
+                digest.update(f"{name}:{size}".encode() + head + f.read())
+    digest.update(f"{dtype}|{kv_cache_dtype}|{layout.c4_block_tokens}|{layout.c128_block_tokens}|{hash_page}|"
+                  f"{tensor_layout}".encode())
+    return digest.hexdigest()
 
 
 def _is_lost_rank(e: Exception) -> bool:

@@ -28,6 +28,10 @@ def parse_size(text: str) -> int:
     return value
 
 
+def _size_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else parse_size(text)
+
+
 def _add_serve(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run the OpenAI/DeepSeek-compatible HTTP server")
     p.add_argument("--model", default=None,
@@ -54,6 +58,12 @@ def _add_serve(subparsers) -> None:
     engine.add_argument("--prefix-cache-snapshot-share", type=float, default=0.25,
                         help="share of the KV cache memory for prefix-cache snapshot slots (window + state + "
                              "tail blocks per checkpoint), in [0, 1); the rest holds compressed blocks")
+    engine.add_argument("--prefix-cache-host-memory", type=_size_or_zero, default=1 << 30,
+                        help="host memory for checkpoints evicted from the device (default 1GiB; 0: none)")
+    engine.add_argument("--prefix-cache-dir", default=None, metavar="DIR",
+                        help="directory for prefix-cache checkpoints that survives restarts (default: none)")
+    engine.add_argument("--prefix-cache-dir-size", type=parse_size, default=16 << 30,
+                        help="size bound of --prefix-cache-dir (default 16GiB; oldest checkpoints go first)")
     engine.add_argument("--dtype", default="auto",
                         help="auto | bfloat16 | float16 | float32 (auto: bfloat16 on CUDA, float32 on CPU)")
     engine.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto: CUDA when present)")
@@ -128,6 +138,8 @@ def build_configs(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
         kv_cache_dtype=args.kv_cache_dtype, enable_prefix_cache=not args.no_prefix_cache,
         prefix_cache_unit=args.prefix_cache_unit, prefix_cache_snapshot_share=args.prefix_cache_snapshot_share,
+        prefix_cache_host_memory=args.prefix_cache_host_memory, prefix_cache_dir=args.prefix_cache_dir,
+        prefix_cache_dir_size=args.prefix_cache_dir_size,
         max_model_len=args.max_model_len,
         tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
         seed=args.seed)

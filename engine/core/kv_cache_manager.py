@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 from engine.core.block_pool import BlockPool
 from engine.core.cache_layout import CacheLayout, CachePool
-from engine.core.prefix_cache import Checkpoint, CheckpointKey, HashChain, MissReason, PrefixCache
+from engine.core.checkpoint_store import CheckpointStore, StoredCheckpoint, TierEvent
+from engine.core.prefix_cache import (Checkpoint, CheckpointKey, HashChain, MissReason, OffloadedCheckpoint,
+                                      PrefixCache)
 from engine.core.request import Request
 
 BLOCK_POOLS = (CachePool.C4, CachePool.C128)  # pools that grow with the sequence
@@ -35,6 +37,31 @@ class CacheCopy:
     pool: CachePool
     src: int
     dst: int
+
+
+@dataclass(frozen=True)
+class CheckpointExport:
+    """Read a checkpoint's units out of device memory (run before the next forward: the units
+    are already free and will be overwritten after it). `units`: pool -> ids, checkpoint order."""
+
+    key: CheckpointKey
+    units: dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class CheckpointImport:
+    """Write a lower-tier checkpoint into a request's fresh units (before its first forward)."""
+
+    stored: StoredCheckpoint
+    units: dict[str, list[int]]
+
+
+def _unit_lists(units: list[tuple[CachePool, int]]) -> dict[str, list[int]]:
+    """(pool, id) pairs -> pool name -> ids, keeping their order."""
+    lists: dict[str, list[int]] = {}
+    for pool, unit in units:
+        lists.setdefault(pool.value, []).append(unit)
+    return lists
 
 
 @dataclass
@@ -73,6 +100,7 @@ class AdmitResult:
     num_cached_tokens: int
     miss_reason: MissReason | None
     misses: dict[MissReason, int]
+    tier: str = "device"  # where the hit's checkpoint was: device, host or disk
 
 
 @dataclass(frozen=True)
@@ -154,6 +182,11 @@ class KVCacheManager:
         self._pending: list[tuple[Checkpoint, HashChain, Request]] = []
         self._pending_keys: set[CheckpointKey] = set()
         self.load_failures: dict[str, int] = {}  # why lower-tier checkpoints could not be loaded
+        # Lower tiers (host memory, disk): see attach_store.
+        self.store: CheckpointStore | None = None
+        self._loading: dict[str, CheckpointKey] = {}  # request id -> checkpoint read from disk for it
+        self._exports: list[CheckpointExport] = []
+        self._imports: dict[str, CheckpointImport] = {}  # by request id (dropped if it is freed first)
 
     def _validate_granularity(self) -> None:
         page = self.hash_page
@@ -252,10 +285,13 @@ class KVCacheManager:
     def lookup_and_admit(self, request: Request) -> AdmitResult | None:
         """Give a request its live slots, resuming from the longest matching checkpoint.
 
-        On a hit the full blocks are shared, the tail blocks and the window/state slots are
-        fresh copies (the returned restores), and `num_computed_tokens` becomes the hit
-        length. Returns None, changing nothing, when the slots cannot be found even after
-        evicting checkpoints. Prefix counters are left to `record_admission`.
+        On a device hit the full blocks are shared, the tail blocks and the window/state slots
+        are fresh copies (the returned restores). A longer checkpoint in a lower tier is
+        imported instead: fresh units for all of it, written by the `CheckpointImport` that
+        `take_transfers` hands out; if it is still being read from disk the request waits
+        (None, `is_loading`). `num_computed_tokens` becomes the hit length. Returns None,
+        changing nothing, when the slots cannot be found even after evicting checkpoints.
+        Prefix counters are left to `record_admission`.
         """
         request_id = request.request_id
         if request_id in self._tables:
@@ -263,9 +299,21 @@ class KVCacheManager:
         chain: HashChain | None = None
         token_ids, max_tokens = request.all_token_ids, request.num_tokens - 1
         hit, reason = None, MissReason.DISABLED
+        stored, tier = None, "device"
         if self.enable_prefix_cache:
             chain = self._parked_chains.pop(request_id, None) or self.prefix_cache.new_chain(request.cache_salt)
             hit, reason = self.prefix_cache.lookup(token_ids, request.cache_salt, max_tokens, chain)
+            offloaded = self.prefix_cache.lookup_offloaded(token_ids, chain, max_tokens,
+                                                           hit.num_tokens if hit is not None else 0)
+            if offloaded is not None:
+                stored = self.store.get(offloaded.key)
+                if stored is None and self.store.is_loading(offloaded.key):
+                    self._parked_chains[request_id] = chain
+                    self._loading[request_id] = offloaded.key
+                    return None
+                tier = "disk" if self._loading.pop(request_id, None) == offloaded.key else offloaded.tier
+        if stored is not None:
+            return self._admit_from_store(request, chain, stored, tier)
         needs = {CachePool.WINDOW: 1, CachePool.STATE: int(self._has_state)}
         if hit is not None:
             needs.update({pool: 1 for pool in hit.tail_blocks})
@@ -289,21 +337,54 @@ class KVCacheManager:
                     blocks.append(self.pools[pool].allocate())
                     copies.append(CacheCopy(pool, hit.tail_blocks[pool], blocks[-1]))
             self.prefix_cache.touch(hit, self._clock(), token_ids[hit.num_tokens])
-        request.num_computed_tokens = hit.num_tokens if hit is not None else 0
-        self._tables[request_id] = table
+        return self._admitted(request, table, chain, copies, hit.num_tokens if hit is not None else 0, reason, tier)
+
+    def _admit_from_store(self, request: Request, chain: HashChain, stored: StoredCheckpoint,
+                          tier: str) -> AdmitResult | None:
+        """Fresh units for a lower-tier checkpoint's whole prefix; its data is imported into them."""
+        num_tokens = stored.key.num_tokens
+        split = self.layout.block_split(num_tokens)
+        needs = {CachePool.WINDOW: 1, CachePool.STATE: int(self._has_state)}
+        needs.update({pool: split[pool].num_blocks for pool in BLOCK_POOLS})
+        if stored.units != {pool.value: n for pool, n in needs.items() if n}:
+            # Not this layout's unit counts (same fingerprint, so a damaged record): a miss.
+            self._drop_offloaded(stored.key, "corrupt")
+            self._parked_chains[request.request_id] = chain
+            return self.lookup_and_admit(request)
+        if not self._make_room(needs):
+            self._parked_chains[request.request_id] = chain
+            return None
+        table = BlockTable(self.pools[CachePool.WINDOW].allocate(), self._allocate_state())
+        for pool in BLOCK_POOLS:
+            table.blocks(pool).extend(self.pools[pool].allocate() for _ in range(split[pool].num_blocks))
+        self._imports[request.request_id] = CheckpointImport(stored, _unit_lists(table.units()))
+        return self._admitted(request, table, chain, [], num_tokens, None, tier)
+
+    def _admitted(self, request: Request, table: BlockTable, chain: HashChain | None, copies: list[CacheCopy],
+                  num_hit: int, reason: MissReason | None, tier: str) -> AdmitResult:
+        request.num_computed_tokens = num_hit
+        self._tables[request.request_id] = table
         if chain is None:
             misses = {MissReason.DISABLED: request.num_tokens}
         else:
-            misses = self.prefix_cache.miss_split(token_ids, chain, request.num_computed_tokens, max_tokens,
+            misses = self.prefix_cache.miss_split(request.all_token_ids, chain, num_hit, request.num_tokens - 1,
                                                   request.num_tokens)
-            self._chains[request_id] = chain
-            self._num_registered[request_id] = dict.fromkeys(BLOCK_POOLS, 0)
+            self._chains[request.request_id] = chain
+            self._num_registered[request.request_id] = dict.fromkeys(BLOCK_POOLS, 0)
             self.mark_computed(request)
-        return AdmitResult(table.copy(), copies, request.num_computed_tokens, reason, misses)
+        return AdmitResult(table.copy(), copies, num_hit, reason, misses, tier)
+
+    def has_pending_loads(self) -> bool:
+        return any(self.store.is_loading(key) for key in self._loading.values()) if self.store else False
+
+    def is_loading(self, request: Request) -> bool:
+        """The request waits for its checkpoint to be read from disk (retry it later)."""
+        key = self._loading.get(request.request_id)
+        return key is not None and self.store is not None and self.store.is_loading(key)
 
     def record_admission(self, request: Request, result: AdmitResult) -> None:
         """Count an admission in the prefix-cache token counters."""
-        self.prefix_cache.record_lookup(request.num_tokens, result.num_cached_tokens, result.misses)
+        self.prefix_cache.record_lookup(request.num_tokens, result.num_cached_tokens, result.misses, result.tier)
 
     def ensure_capacity(self, request: Request, num_new_tokens: int) -> bool:
         """Give the request blocks for every compressed entry completed by its next
@@ -435,6 +516,61 @@ class KVCacheManager:
         if table is not None:
             self._release(table.units())
 
+    # ---- lower tiers ----------------------------------------------------------------------------
+
+    def attach_store(self, store: CheckpointStore) -> None:
+        """Spill evicted checkpoints to `store` and resume from what it holds; indexes what
+        its directory already has (a restart)."""
+        if not self.enable_prefix_cache:
+            raise ValueError("checkpoint tiers need prefix caching on")
+        self.store = store
+        events, skipped = store.scan()
+        self._apply(events)
+        for reason, count in skipped.items():
+            self.load_failures[reason] = self.load_failures.get(reason, 0) + count
+
+    def poll_tiers(self) -> None:
+        """Take in what the store's I/O thread finished (call before `schedule`)."""
+        if self.store is not None:
+            self._apply(self.store.poll())
+
+    def take_transfers(self) -> tuple[list[CheckpointExport], list[CheckpointImport]]:
+        """The exports and imports planned since the last call; the runner side must run every
+        export, then every import, before the step's forward, and hand exports back to
+        `store_export`."""
+        exports, imports = self._exports, list(self._imports.values())
+        self._exports, self._imports = [], {}
+        return exports, imports
+
+    def store_export(self, export: CheckpointExport, payload: bytes) -> None:
+        """An exported checkpoint's bytes go to the lower tiers."""
+        units = {pool: len(ids) for pool, ids in export.units.items()}
+        self._apply(self.store.put(StoredCheckpoint(export.key, units, payload)))
+
+    def checkpoints_to_keep(self) -> list[CheckpointExport]:
+        """Exports of every device checkpoint, to keep across a restart (shutdown)."""
+        return [CheckpointExport(c.key, _unit_lists(c.held_units())) for c in self.prefix_cache.checkpoints()
+                if self._worth_spilling(c)]
+
+    def _worth_spilling(self, checkpoint: Checkpoint) -> bool:
+        """Every unit goes down a tier (superseded ones too: an end-of-prompt unit serves a
+        regenerated reply). Each payload holds its whole prefix; the tiers' size bounds and
+        LRU order limit what that duplication costs."""
+        return self.store is not None
+
+    def _apply(self, events: list[TierEvent]) -> None:
+        for event in events:
+            if event.kind in ("host", "disk"):
+                self.prefix_cache.add_offloaded(OffloadedCheckpoint(event.key, event.kind, event.nbytes))
+            elif event.kind == "failed":
+                self._drop_offloaded(event.key, event.reason)
+            else:
+                self.prefix_cache.remove_offloaded(event.key)
+
+    def _drop_offloaded(self, key: CheckpointKey, reason: str) -> None:
+        self.load_failures[reason] = self.load_failures.get(reason, 0) + 1
+        self.prefix_cache.remove_offloaded(key)
+
     # ---- reporting ----------------------------------------------------------------------------
 
     def tier_load_failures(self) -> dict[str, int]:
@@ -500,6 +636,8 @@ class KVCacheManager:
         self._chains.pop(request_id, None)
         self._num_registered.pop(request_id, None)
         self._parked_chains.pop(request_id, None)
+        self._loading.pop(request_id, None)
+        self._imports.pop(request_id, None)
 
     def _release(self, units: list[tuple[CachePool, int]]) -> None:
         for pool, unit in units:
@@ -593,5 +731,7 @@ class KVCacheManager:
         return shared if enough(Counter(pool for pool, _ in shared)) else None
 
     def _evict(self, checkpoint: Checkpoint, short_pool: str = "reset") -> None:
+        if self._worth_spilling(checkpoint):
+            self._exports.append(CheckpointExport(checkpoint.key, _unit_lists(checkpoint.held_units())))
         self.prefix_cache.remove(checkpoint, evicted=True, short_pool=short_pool)
         self._release(checkpoint.held_units())

@@ -254,19 +254,23 @@ class Scheduler:
                 self._add_chunk(request, num_tokens, plan)
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
-        while self.waiting and plan.budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        skipped = 0  # requests at the head whose checkpoint is still being read from disk
+        while len(self.waiting) > skipped and plan.budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[skipped]
             problem = self._admission_problem(request)
             if problem:
-                self.waiting.popleft()
+                del self.waiting[skipped]
                 self._finish_with_error(request, problem)
                 continue
             alone = not self.running and not plan.chunks
             result = self.kv.lookup_and_admit(request)
             if result is None:
+                if self.kv.is_loading(request):
+                    skipped += 1
+                    continue
                 if not alone:
                     return
-                self.waiting.popleft()
+                del self.waiting[skipped]
                 self._finish_with_error(request, "no free KV cache slot even with the cache to itself")
                 continue
             num_tokens = self._chunk_len(request, plan.budget)
@@ -275,10 +279,10 @@ class Scheduler:
                 request.num_computed_tokens = 0
                 if not alone:
                     return
-                self.waiting.popleft()
+                del self.waiting[skipped]
                 self._finish_with_error(request, "not enough KV cache blocks even with the cache to itself")
                 continue
-            self.waiting.popleft()
+            del self.waiting[skipped]
             first_admission = request.num_cached_tokens < 0
             self._start_running(request, result.num_cached_tokens, result.miss_reason)
             if first_admission:  # a preempted request's re-admission is not a new query

@@ -290,6 +290,19 @@ class KVCache:
         else:
             raise ValueError(f"unknown cache pool {pool!r}")
 
+    def unit_tensors(self, pool: str) -> list[torch.Tensor]:
+        """Every tensor of one pool whose dim 0 is the pool's unit (slot or block) id, in a fixed
+        order: what a prefix-cache checkpoint's data is (engine/worker/checkpoint_io.py)."""
+        if pool == "window":
+            return list(self.window)
+        if pool == "state":
+            return [t for st in self.state.values() for t in (st.kv, st.score)]
+        if pool == "c4":
+            return list(self.c4_kv.values()) + list(self.c4_idx.values())
+        if pool == "c128":
+            return list(self.c128_kv.values())
+        raise ValueError(f"unknown cache pool {pool!r}")
+
     def nbytes(self) -> dict[str, int]:
         """Real bytes held per pool (packed records for fp8)."""
         def size(ts):  # the padding row is not capacity
