@@ -92,7 +92,10 @@ def test_dashboard_covers_the_required_views():
                    "dsv4:num_requests_running", "dsv4:num_requests_waiting", "dsv4:kv_cache_usage_perc",
                    "dsv4:kv_cache_pool_usage_perc", "dsv4:prefix_cache_hits_total", "dsv4:prefix_cache_queries_total",
                    "sum by (reason) (rate(dsv4:prefix_cache_misses_total", "sum by (kind) (rate(dsv4:cost_usd_total",
-                   "sum by (finished_reason)", "dsv4:num_preemptions_total", "dsv4:generation_tokens_total"):
+                   "sum by (finished_reason)", "dsv4:num_preemptions_total", "dsv4:generation_tokens_total",
+                   "sum by (reason, kind) (rate(dsv4:prefix_cache_evictions_total", "dsv4:prefix_cache_checkpoints",
+                   "dsv4:prefix_cache_checkpoint_bytes", "dsv4:prefix_cache_tier_hits_total",
+                   "dsv4:prefix_cache_load_failures_total"):
         assert needle in exprs, needle
 
 
