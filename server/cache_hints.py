@@ -2,7 +2,9 @@
 
 - A unit at the end of the system + tools block (and the `<｜User｜>` marker that opens the first
   user turn), so sessions that share a system prompt share it whole instead of only up to the
-  last every-N-tokens unit (DeepSeek: units where the system "detects a common prefix").
+  last every-N-tokens unit (DeepSeek: units where the system "detects a common prefix"); with
+  tools, one more at the end of the system text alone, which sessions with the same system
+  prompt but other tools (or none) share.
 - No end-of-output unit when the next turn cannot match it: in thinking mode without tools the
   encoder drops earlier turns' reasoning, so the next prompt leaves this output right after its
   `<｜Assistant｜>` header — where the end-of-prompt unit already sits.
@@ -24,11 +26,17 @@ def chat_cache_hints(messages: list[dict], prompt_ids: list[int], tokenizer, *, 
     """Hints for a chat prompt rendered by `render_messages(messages, thinking=..., tools=...,
     **encode_options)` and encoded by `tokenizer.encode_prompt` into `prompt_ids`."""
     keep_output = not (thinking and not tools and starts_in_reasoning)
-    end = _system_block_end(messages, prompt_ids, tokenizer, thinking=thinking, tools=tools, **encode_options)
-    return CacheHints(unit_ends=(end,) if end else (), keep_output=keep_output)
+    ends = [_system_block_end(messages, prompt_ids, tokenizer, thinking=thinking, tools=tools, **encode_options)]
+    if tools or encode_options.get("response_format"):
+        # Also the system text alone: sessions with the same system prompt but other (or no)
+        # tools share that much.
+        ends.append(_system_block_end(messages, prompt_ids, tokenizer, thinking=thinking, tools=None,
+                                      **{**encode_options, "response_format": None}, text_only=True))
+    return CacheHints(unit_ends=tuple(end for end in ends if end), keep_output=keep_output)
 
 
-def _system_block_end(messages: list[dict], prompt_ids: list[int], tokenizer, **encode_options) -> int | None:
+def _system_block_end(messages: list[dict], prompt_ids: list[int], tokenizer, text_only: bool = False,
+                      **encode_options) -> int | None:
     leading = 0
     while leading < len(messages) and isinstance(messages[leading], dict) and \
             messages[leading].get("role") in _SYSTEM_ROLES:
@@ -38,11 +46,15 @@ def _system_block_end(messages: list[dict], prompt_ids: list[int], tokenizer, **
     system = messages[:leading] or [{"role": "system", "content": ""}]  # tools alone form a block
     if not leading and not encode_options.get("tools") and not encode_options.get("response_format"):
         return None  # no system block at all
+    if text_only:
+        if any(isinstance(m.get("tools"), list) for m in system):
+            return None  # tools inside the system message: no tool-free prefix
+        system = [{k: v for k, v in m.items() if k != "response_format"} for m in system]
     try:
         pieces = render_messages(system, add_generation_prompt=False, **encode_options)
     except ChatTemplateError:
         return None
-    opens_user = messages[leading].get("role") in ("user", "tool")
+    opens_user = messages[leading].get("role") in ("user", "tool") and not text_only
     for candidate in ((pieces + [USER], pieces) if opens_user else (pieces,)):
         ids = tokenizer.encode_prompt(candidate)  # as the prompt itself was encoded
         if 0 < len(ids) < len(prompt_ids) and prompt_ids[:len(ids)] == ids:

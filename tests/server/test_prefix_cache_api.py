@@ -48,6 +48,15 @@ def test_a_new_session_hits_the_whole_system_and_tools_block(live):
     assert second["usage"]["prompt_cache_hit_tokens"] == block_len
 
 
+def test_a_session_without_the_tools_still_hits_the_system_text(live):
+    base, engine = live
+    system_only = encode_messages([SYSTEM], thinking=True, add_generation_prompt=False)
+    text_len = len(tokens(base, system_only))
+    chat(base, [SYSTEM, {"role": "user", "content": "Weather in Rome?"}], tools=TOOLS)
+    plain = chat(base, [SYSTEM, {"role": "user", "content": "Just chatting, no tools needed."}])
+    assert plain["usage"]["prompt_cache_hit_tokens"] == text_len
+
+
 def test_thinking_chat_without_tools_keeps_no_end_of_output_unit(live):
     base, engine = live
     core = engine.core
