@@ -54,9 +54,21 @@ def _system_block_end(messages: list[dict], prompt_ids: list[int], tokenizer, te
         pieces = render_messages(system, add_generation_prompt=False, **encode_options)
     except ChatTemplateError:
         return None
-    opens_user = messages[leading].get("role") in ("user", "tool") and not text_only
+    if text_only:
+        # The text may end inside a token the prompt's next piece merges with ("." + "\n\n"):
+        # the unit goes where the two token sequences part, still a prefix of both.
+        return _common_prefix(tokenizer.encode_prompt(pieces), prompt_ids) or None
+    opens_user = messages[leading].get("role") in ("user", "tool")
     for candidate in ((pieces + [USER], pieces) if opens_user else (pieces,)):
         ids = tokenizer.encode_prompt(candidate)  # as the prompt itself was encoded
         if 0 < len(ids) < len(prompt_ids) and prompt_ids[:len(ids)] == ids:
             return len(ids)
     return None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b) - 1)  # a unit must leave the prompt a token to compute
+    k = 0
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
