@@ -76,6 +76,7 @@ class ChatPlan(RunPlan):
     thinking: bool
     tools: list[dict] | None  # offered to the model (and the parser)
     starts_in_reasoning: bool
+    json_mode: bool  # content is constrained JSON: markup spellings in it are string text
     logprobs: bool
     top_logprobs: int
 
@@ -229,7 +230,8 @@ def plan_chat(ctx: ServerContext, req: ChatCompletionRequest, is_beta: bool) -> 
         except ValueError as err:
             raise invalid_request(str(err)) from None
     return ChatPlan(model=req.model, thinking=thinking, tools=tools, prompt_ids=prompt_ids,
-                    starts_in_reasoning=starts_in_reasoning, params=params, cache_salt=salt, cache_hints=hints,
+                    starts_in_reasoning=starts_in_reasoning, json_mode=json_mode, params=params, cache_salt=salt,
+                    cache_hints=hints,
                     stream=req.stream, include_usage=include_usage, logprobs=bool(req.logprobs),
                     top_logprobs=req.top_logprobs or 0)
 
@@ -389,7 +391,8 @@ class ChatRun(Run):
         choices = [
             ChatChoice(index=i, parser=OutputParser(plan.thinking, plan.tools,
                                                     starts_in_reasoning=plan.starts_in_reasoning,
-                                                    markup_as_content=not fail_on_bad_markup),
+                                                    markup_as_content=not fail_on_bad_markup,
+                                                    json_content=plan.json_mode),
                        in_reasoning=plan.starts_in_reasoning, think_end_id=think_end_id, eos_id=tokenizer.eos_id)
             for i in range(len(plan.params))]
         super().__init__(ctx, plan, choices)

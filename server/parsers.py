@@ -30,6 +30,7 @@ Policies:
   stays open (`ParsedToolCall.is_complete` False, its arguments not valid JSON), so
   non-streaming responses drop it (its markup is in the content). With
   `markup_as_content=False` the rest is dropped instead (the server's error mode).
+- `json_content=True` (JSON mode): content is read up to EOS only, as JSON text.
 - `finish_reason` is "tool_calls" once any call was started, else "stop"; the caller
   replaces it with "length" when generation hit its token limit.
 """
@@ -56,7 +57,7 @@ _DSML_START = f"<{DSML}"
 _CONTENT_MARKERS = (EOS, "\n\n" + _DSML_START, _DSML_START, "</" + DSML, DSML, THINK_START, THINK_END)
 # Reasoning: only a complete block opener ends it early; other DSML text stays reasoning.
 _REASONING_MARKERS = (THINK_END, EOS, "\n\n" + TOOL_CALLS_OPEN, TOOL_CALLS_OPEN, THINK_START)
-_RAW_MARKERS = (EOS,)
+_RAW_MARKERS = (EOS,)  # also the content markers of JSON mode
 _VALUE_MARKERS = (PARAMETER_CLOSE, EOS)
 _MAX_TAG_CHARS = 1024
 _INVOKE_ATTRS = re.compile(r'\s*name="([^"]+)"\s*')
@@ -186,11 +187,14 @@ class OutputParser:
     def __init__(self, thinking: bool, tools: list[dict] | None, *,
                  starts_in_reasoning: bool | None = None,
                  make_call_id: Callable[[int], str] = _random_call_id,
-                 markup_as_content: bool = True):
+                 markup_as_content: bool = True, json_content: bool = False):
         self._tool_names = _tool_names(tools)
         self._make_call_id = make_call_id
         self._thinking = thinking
         self._markup_as_content = markup_as_content
+        # JSON mode: the constraint keeps content inside one JSON value, so any `</think>` or
+        # DSML spelling there is string text, never markup.
+        self._content_markers = _RAW_MARKERS if json_content else _CONTENT_MARKERS
         self._fed: list[str] = []  # everything fed, to return unparsed markup verbatim
         self._fed_chars = 0
         self._recover_from = 0  # where the markup not yet accounted for by closed calls starts
@@ -347,7 +351,7 @@ class OutputParser:
         return marker is not None
 
     def _step_content(self, final: bool) -> bool:
-        marker = self._step_text("content", _CONTENT_MARKERS, final)
+        marker = self._step_text("content", self._content_markers, final)
         if marker == THINK_START and self._thinking:
             self._state = _State.REASONING  # a second reasoning block is reasoning, not content
         elif marker in (THINK_START, THINK_END, EOS, None):

@@ -349,3 +349,11 @@ def test_starts_in_reasoning_override():
     assert parser.feed("answer") == [Delta(content="answer")]
     parser = OutputParser(False, TOOLS, starts_in_reasoning=True)
     assert parser.feed("more thoughts</think>x") == [Delta(reasoning="more thoughts"), Delta(content="x")]
+
+
+def test_json_content_keeps_markup_spellings_as_string_text():
+    text = '</think>{"a": "</think> and ｜DSML｜ and <｜DSML｜tool_calls>"}' + EOS
+    parser = OutputParser(True, TOOLS, make_call_id=ids, json_content=True)
+    reasoning, content, calls = collect([parser.feed(text), parser.finish()])
+    assert content == '{"a": "</think> and ｜DSML｜ and <｜DSML｜tool_calls>"}' and not calls
+    assert parser.error is None
