@@ -168,3 +168,36 @@ def test_shutdown_drains_running_stream(live):
     assert not engine.accepting
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.base_url + "/health", timeout=2)
+
+
+@pytest.mark.parametrize("failure", ["api_error", "crash"])
+def test_stream_failing_after_keep_alives_ends_with_an_error_event_and_done(failure):
+    """Headers and keep-alives are out when the failure comes: the stream still ends cleanly."""
+    import asyncio
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from server.errors import queue_full
+    from server.streaming import sse_response
+
+    class Job:  # the engine side is gone by then; only close() is called
+        def close(self):
+            pass
+
+    async def events():
+        for _ in range(2):
+            await asyncio.sleep(0.01)
+            yield None  # keep-alive
+        if failure == "api_error":
+            raise queue_full("the queue filled up")
+        raise RuntimeError("boom")
+
+    app = FastAPI()
+    app.add_api_route("/s", lambda: sse_response(events(), Job(), "req-1", drain_timeout=5), methods=["GET"])
+    with TestClient(app) as client:
+        lines = [line for line in client.get("/s").text.splitlines() if line]
+    assert lines[:2] == [": keep-alive", ": keep-alive"]
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][len("data: "):])["error"]
+    assert error["code"] == ("rate_limit_reached" if failure == "api_error" else "server_error")
