@@ -136,6 +136,16 @@ def test_thinking_mode_rejects_forced_tool_choice_like_deepseek(live, tool_choic
     assert chat.status_code == 200, chat.text  # chat mode accepts it (not enforced: no grammar)
 
 
+def test_tool_call_history_with_null_arguments_is_rendered_not_rejected(live):
+    # DeepSeek's reference encoder renders it (one `arguments` parameter holding null).
+    body = _chat(tools=[TOOL], messages=USER + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": None}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}])
+    resp = _post(live, "/v1/chat/completions", body)
+    assert resp.status_code == 200, resp.text
+
+
 def test_passback_error_uses_deepseeks_message(live):
     resp = _post(live, "/v1/chat/completions", HOSTILE[-1][0])
     assert "The `reasoning_content` in the thinking mode must be passed back to the API" in _error(resp)["message"]
