@@ -106,6 +106,21 @@ class AsyncEngine:
     def accepting(self) -> bool:
         return not self._stopping and self.fatal_error is None
 
+    @property
+    def num_in_flight(self) -> int:
+        """Requests admitted and not yet finished (inbox, waiting or running)."""
+        return len(self._streams)
+
+    def interrupt_all(self, reason: str) -> None:
+        """Stop accepting, abort every request in flight and end its stream with
+        ``EngineDead(reason)`` (shutdown past its drain deadline)."""
+        self._stopping = True
+        with self._lock:
+            request_ids = list(self._streams)
+        for rid in request_ids:
+            self.abort(rid)
+            self._deliver(rid, EngineDead(reason))
+
     def stats(self) -> dict:
         """The latest scheduler stats, published by the loop thread after each step."""
         return dict(self._stats, in_flight=len(self._streams))
@@ -134,9 +149,12 @@ class AsyncEngine:
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            waiting = self.core.last_step_stats.num_waiting + self._inbox.qsize()
-            if waiting >= self.max_queue:
-                raise EngineOverloaded(f"too many queued requests ({waiting}); retry later")
+            # Live admission: every admitted request not yet finished counts, whether it still
+            # sits in the inbox, waits in the scheduler or runs (the step stats lag a step).
+            capacity = self.config.max_num_seqs + self.max_queue
+            if len(self._streams) >= capacity:
+                raise EngineOverloaded(f"too many requests in flight ({len(self._streams)} of {capacity}: "
+                                       f"{self.config.max_num_seqs} running + {self.max_queue} queued); retry later")
             self._streams[request_id] = (asyncio.get_running_loop(), self._text_sink(request_id, prompt_ids, params, sink))
         self._inbox.put(("add", request_id, list(prompt_ids), params, cache_salt, cache_hints, time.monotonic()))
         self._wake.set()

@@ -10,11 +10,13 @@ Routes (api-surface §1, §5):
 - `GET /health` (200 empty; 503 while shutting down or after a fatal engine error), `/version`,
   `/metrics`;
   `POST /tokenize`, `/detokenize`.
-With `--api-key`, every route but `/health`, `/version` and `/metrics` needs
-`Authorization: Bearer <key>`. Shutdown (SIGTERM/SIGINT under uvicorn): the listening socket
-closes, running requests are drained (`drain_timeout`), new requests on open connections get 503,
-then the engine stops. The lifespan subscribes the metrics to the engine's per-step stats and
-runs the periodic one-line stats log.
+- `GET /openapi.json`: the OpenAPI schema, request bodies included.
+With `--api-key`, every route but `/health`, `/version`, `/metrics` and `/openapi.json` needs
+`Authorization: Bearer <key>`. Bodies pass `server/http_guard.py` first (size, read timeout,
+JSON content type, the one 500 handler). Shutdown: server/lifecycle.py (`/health` turns 503
+while the socket still accepts, then running requests are drained or interrupted with a final
+event). The lifespan subscribes the metrics to the engine's per-step stats and runs the
+periodic one-line stats log.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from server.chat import api_messages, create_chat_completion, resolve_thinking
 from server.chat_template import render_messages
 from server.completions import create_completion
 from server.errors import authentication_failed, install_error_handlers, invalid_request, unavailable
+from server.http_guard import RequestGuard
+from server.lifecycle import build_server
 from server.metrics import Metrics
 from server.protocol import (
     MAX_OUTPUT_TOKENS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_body,
@@ -75,6 +79,12 @@ async def read_json(request: Request):
     return data
 
 
+def _body_doc(model) -> dict:
+    """OpenAPI `requestBody` for a route that parses its own body (handlers read raw JSON so
+    that malformed input gets our 400/422 envelope, which hides the body from FastAPI)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
 def create_app(engine, config: ServeConfig) -> FastAPI:
     """App over an `AsyncEngine` (not started: the lifespan starts and stops it)."""
     ctx = ServerContext(engine, config)
@@ -99,9 +109,10 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
             logger.info("engine stopped")
 
     app = FastAPI(title="dsv4-serve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url="/openapi.json")
     app.state.ctx = ctx
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, limits=config.limits)
 
     async def authorize(request: Request) -> None:
         if not config.api_keys:
@@ -135,9 +146,10 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
 
     for prefix in CHAT_PREFIXES:
         app.add_api_route(f"{prefix}/chat/completions", chat_route(prefix.endswith("/beta")), methods=["POST"],
-                          dependencies=guarded)
+                          dependencies=guarded, openapi_extra=_body_doc(ChatCompletionRequest))
     for prefix in COMPLETION_PREFIXES:
-        app.add_api_route(f"{prefix}/completions", completions, methods=["POST"], dependencies=guarded)
+        app.add_api_route(f"{prefix}/completions", completions, methods=["POST"], dependencies=guarded,
+                          openapi_extra=_body_doc(CompletionRequest))
 
     async def messages(request: Request):
         return await create_message(ctx, request, parse_body(await read_json(request), MessagesRequest))
@@ -194,7 +206,7 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
     async def metrics():
         return Response(ctx.metrics.render(), media_type=Metrics.content_type)
 
-    @app.post("/tokenize", dependencies=[Depends(authorize)])
+    @app.post("/tokenize", dependencies=[Depends(authorize)], openapi_extra=_body_doc(TokenizeRequest))
     async def tokenize(request: Request):
         req = parse_body(await read_json(request), TokenizeRequest)
         if (req.prompt is None) == (req.messages is None):
@@ -203,17 +215,18 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
             model = ctx.resolve_model(req.model or config.served_model_name)
             thinking, effort = resolve_thinking(ctx, req.thinking, req.reasoning_effort, model)
             # Same pieces as a chat request: message text never becomes a control token.
-            tokens = engine.tokenizer.encode_prompt(render_messages(
-                api_messages(req.messages), thinking=thinking, reasoning_effort=effort, tools=req.tools,
-                add_generation_prompt=req.add_generation_prompt, replay=ctx.tool_call_replay.generated_pieces))
-        else:
-            tokens = engine.tokenizer.encode(req.prompt)  # a raw prompt may spell control tokens on purpose
+            pieces = render_messages(api_messages(req.messages), thinking=thinking, reasoning_effort=effort,
+                                     tools=req.tools, add_generation_prompt=req.add_generation_prompt,
+                                     replay=ctx.tool_call_replay.generated_pieces)
+            tokens = await asyncio.to_thread(engine.tokenizer.encode_prompt, pieces)  # off the event loop
+        else:  # a raw prompt may spell control tokens on purpose
+            tokens = (await asyncio.to_thread(engine.tokenizer.encode_many, [req.prompt]))[0]
         body = {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
         if req.return_token_strs:
             body["token_strs"] = [ctx.token_table.token_text(t) for t in tokens]
         return body
 
-    @app.post("/detokenize", dependencies=[Depends(authorize)])
+    @app.post("/detokenize", dependencies=[Depends(authorize)], openapi_extra=_body_doc(DetokenizeRequest))
     async def detokenize(request: Request):
         req = parse_body(await read_json(request), DetokenizeRequest)
         try:
@@ -227,16 +240,13 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
 class BackgroundServer:
     """Serves an app with uvicorn in a daemon thread (tests, notebooks, embedding).
 
-    `port=0` picks a free port; `base_url` is known once `start()` returns. `stop()` runs the
-    app's shutdown (drain, then engine stop) and joins the thread.
+    `port=0` picks a free port; `base_url` is known once `start()` returns. `stop()` drains as
+    SIGTERM does (server/lifecycle.py), then the engine stops; it joins the thread.
     """
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 graceful_timeout: int = 30):
-        import uvicorn
-
-        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                     timeout_graceful_shutdown=graceful_timeout))
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        config = app.state.ctx.config
+        self._server = build_server(app, host, port, log_level, config.drain_timeout, config.limits)
         self._thread: threading.Thread | None = None
         self.host = host
         self.port = port
@@ -258,7 +268,11 @@ class BackgroundServer:
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
         return self.base_url
 
+    def begin_drain(self) -> None:
+        """What SIGTERM does: /health 503, new requests 503, running ones drained then cut."""
+        self._server.begin_drain()
+
     def stop(self, timeout: float = 60.0) -> None:
-        self._server.should_exit = True
+        self._server.begin_drain()
         if self._thread is not None:
             self._thread.join(timeout)

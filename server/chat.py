@@ -39,6 +39,7 @@ Policies:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -53,6 +54,8 @@ from server.cache_hints import chat_cache_hints
 from server.chat_template import THINK_END, ends_inside_reasoning, render_messages
 from server.errors import APIError, invalid_request
 from server.json_constraint import JsonObjectProcessor
+from server.json_schema import check_schema
+from server.logit_bias import LogitBias, check_logit_bias
 from server.parsers import Delta, OutputParser, validate_tool_arguments
 from server.protocol import (
     DEFAULT_MAX_TOKENS_CHAT, DEFAULT_MAX_TOKENS_MAX_EFFORT, DEFAULT_MAX_TOKENS_THINKING, EFFORT_ALIASES,
@@ -143,7 +146,7 @@ def _check_tools(tools: list[dict] | None, tool_choice) -> list[dict] | None:
             raise invalid_request(f"tools[{i}].function.parameters must be a JSON Schema object",
                                   f"tools[{i}].function.parameters")
         try:
-            validate_tool_arguments(function, {})
+            check_schema(parameters)  # every depth, so the call the model makes later can be checked
         except ValueError as err:
             raise invalid_request(f"tools[{i}].function.parameters is not a valid JSON Schema: {err}",
                                   f"tools[{i}].function.parameters") from None
@@ -183,12 +186,14 @@ def _check_prefix(messages: list[dict], is_beta: bool) -> None:
 def plan_chat(ctx: ServerContext, req: ChatCompletionRequest, is_beta: bool) -> ChatPlan:
     model = ctx.resolve_model(req.model)
     thinking, effort = resolve_thinking(ctx, req.thinking, req.reasoning_effort, model)
+    ctx.config.limits.check_messages(req.messages)
     _check_prefix(req.messages, is_beta)
     tools = _check_tools(req.tools, req.tool_choice)
     _check_thinking_tool_choice(req.tool_choice, thinking)
     json_mode = _check_response_format(req.response_format)
     n = check_n(req.n)
-    sampling = check_sampling(req, thinking, ctx.engine.generation_defaults)
+    sampling = check_sampling(req, thinking, ctx.engine.generation_defaults, ctx.config.limits)
+    logit_bias = check_logit_bias(req.logit_bias, ctx.engine.tokenizer.vocab_size)
     include_usage = check_stream_options(req.stream, req.stream_options)
     salt = cache_salt(req.user_id, req.user)
     if req.top_logprobs is not None:
@@ -202,7 +207,7 @@ def plan_chat(ctx: ServerContext, req: ChatCompletionRequest, is_beta: bool) -> 
                           response_format=req.response_format if json_mode else None)
     messages = api_messages(req.messages)
     prompt = render_messages(messages, replay=ctx.tool_call_replay.generated_pieces, **render_options)
-    prompt_ids = ctx.engine.tokenizer.encode_prompt(prompt)
+    prompt_ids = ctx.encode_prompt(prompt, "messages")
     starts_in_reasoning = ends_inside_reasoning(prompt)
     hints = chat_cache_hints(messages, prompt_ids, ctx.engine.tokenizer, starts_in_reasoning=starts_in_reasoning,
                              **render_options)
@@ -218,7 +223,7 @@ def plan_chat(ctx: ServerContext, req: ChatCompletionRequest, is_beta: bool) -> 
     think_end_id = ctx.engine.tokenizer.token_to_id(THINK_END)
     params = []
     for i in range(n):
-        processors = []
+        processors = [LogitBias(logit_bias)] if logit_bias else []
         if json_mode:
             processors.append(JsonObjectProcessor(ctx.json_index, think_end_id if starts_in_reasoning else None))
         try:
@@ -485,4 +490,5 @@ def _wire_calls(calls: list) -> list[dict]:
 
 async def create_chat_completion(ctx: ServerContext, request: Request, req: ChatCompletionRequest,
                                  is_beta: bool) -> Response:
-    return await ChatRun(ctx, plan_chat(ctx, req, is_beta)).respond(request)
+    plan = await asyncio.to_thread(plan_chat, ctx, req, is_beta)  # tokenizing is slow for big prompts
+    return await ChatRun(ctx, plan).respond(request)

@@ -8,7 +8,9 @@ values exit with status 2 and a message naming the flag.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import os
 import re
 import sys
 
@@ -32,14 +34,39 @@ def _size_or_zero(text: str) -> int:
     return 0 if text.strip() == "0" else parse_size(text)
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def _flag(args: argparse.Namespace, name: str) -> int:
+    """A positive integer flag; ValueError naming it otherwise."""
+    value = getattr(args, name)
+    if value < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return value
+
+
 def _add_serve(subparsers) -> None:
+    from server.limits import RequestLimits
+
     p = subparsers.add_parser("serve", help="run the OpenAI/DeepSeek-compatible HTTP server")
     p.add_argument("--model", default=None,
                    help="checkpoint directory (default: the embedded demo model shipped in engine/assets/demo)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default: loopback only); any other address needs an API key "
+                        "or --allow-no-api-key")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--api-key", action="append", default=[], dest="api_keys", metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' (repeat for several keys)")
+                   help="require 'Authorization: Bearer KEY' (repeat for several keys; the environment "
+                        "variable DSV4_API_KEY adds one more)")
+    p.add_argument("--allow-no-api-key", action="store_true",
+                   help="serve a non-loopback --host without any API key (an open endpoint: only behind "
+                        "your own authenticating proxy)")
     p.add_argument("--served-model-name", default=None,
                    help="model name clients use (default: deepseek-v4-flash); DeepSeek's names are aliases")
     engine = p.add_argument_group("engine")
@@ -81,7 +108,8 @@ def _add_serve(subparsers) -> None:
                              "comment, or a blank line before non-streaming JSON): while queued, during a "
                              "long prefill or long reasoning (default: 10)")
     server.add_argument("--drain-timeout", type=float, default=30.0,
-                        help="seconds running requests get to finish on shutdown")
+                        help="seconds from SIGTERM to exit: /health and new requests get 503 at once, running "
+                             "requests finish or, just before the deadline, end with an error event")
     server.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="log level (default: info)")
     server.add_argument("--tool-parse-errors", choices=("content", "error"), default="content",
@@ -90,6 +118,26 @@ def _add_serve(subparsers) -> None:
                              "tool_call_error (default); 'error' fails the request (HTTP 500)")
     server.add_argument("--stats-interval", type=float, default=5.0,
                         help="seconds between one-line stats logs (throughput, queues, KV, cache hits); 0: off")
+    limits = p.add_argument_group("request limits (per request unless noted; server/limits.py)")
+    default = RequestLimits()
+    limits.add_argument("--max-body-bytes", type=parse_size, default=default.max_body_bytes, metavar="SIZE",
+                        help="largest request body, e.g. 8MiB; larger bodies get 413 before parsing (default: 8MiB)")
+    limits.add_argument("--max-stop-strings", type=int, default=default.max_stop_strings,
+                        help=f"stop strings per request (default: {default.max_stop_strings})")
+    limits.add_argument("--max-stop-length", type=int, default=default.max_stop_length,
+                        help=f"characters per stop string (default: {default.max_stop_length})")
+    limits.add_argument("--max-messages", type=int, default=default.max_messages,
+                        help=f"messages per chat request (default: {default.max_messages})")
+    limits.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="prompt tokens per request, checked before the engine sees it "
+                             "(default: the context window minus one)")
+    limits.add_argument("--max-connections", type=int, default=default.max_connections,
+                        help=f"open HTTP connections, server-wide; beyond, 503 (default: {default.max_connections})")
+    limits.add_argument("--header-timeout", type=float, default=default.header_timeout,
+                        help="seconds a client has to send the request line and headers; then 408 and the "
+                             f"connection is closed (default: {default.header_timeout:g})")
+    limits.add_argument("--body-timeout", type=float, default=default.body_timeout,
+                        help=f"seconds a client has to send its whole body; then 408 (default: {default.body_timeout:g})")
     prices = p.add_argument_group("pricing (USD per 1M tokens; see server/pricing.py)")
     prices.add_argument("--price-table", default=None, metavar="FILE", help="JSON or YAML price table")
     prices.add_argument("--price-cache-hit", type=float, default=None,
@@ -129,6 +177,7 @@ def build_configs(args: argparse.Namespace):
     """(EngineConfig, ServeConfig, max_queue) from parsed `serve` flags; ValueError names the flag."""
     from engine.engine_config import EngineConfig
     from server.pricing import load_price_table
+    from server.limits import RequestLimits
     from server.serve_config import DEFAULT_SERVED_MODEL_NAME, ServeConfig
 
     if args.max_queue < 1:
@@ -143,13 +192,23 @@ def build_configs(args: argparse.Namespace):
         max_model_len=args.max_model_len,
         tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
         seed=args.seed)
+    api_keys = tuple(args.api_keys) + ((os.environ["DSV4_API_KEY"],) if os.environ.get("DSV4_API_KEY") else ())
+    if not api_keys and not args.allow_no_api_key and not _is_loopback(args.host):
+        raise ValueError(f"--host {args.host} serves beyond this machine: give --api-key KEY (or set DSV4_API_KEY), "
+                         f"or pass --allow-no-api-key to serve an open endpoint deliberately")
+    limits = RequestLimits(
+        max_body_bytes=args.max_body_bytes, max_stop_strings=_flag(args, "max_stop_strings"),
+        max_stop_length=_flag(args, "max_stop_length"), max_messages=_flag(args, "max_messages"),
+        max_prompt_tokens=args.max_prompt_tokens, max_connections=_flag(args, "max_connections"),
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout)
     served_name = args.served_model_name or DEFAULT_SERVED_MODEL_NAME
     price_table = load_price_table(args.price_table, served_name, args.price_cache_hit, args.price_cache_miss,
                                    args.price_output)
     serve_config = ServeConfig(
-        host=args.host, port=args.port, api_keys=tuple(args.api_keys), served_model_name=served_name,
+        host=args.host, port=args.port, api_keys=api_keys, served_model_name=served_name,
         keep_alive_interval=args.keep_alive_interval, drain_timeout=args.drain_timeout, price_table=price_table,
-        log_level=args.log_level, stats_interval=args.stats_interval, tool_parse_errors=args.tool_parse_errors)
+        log_level=args.log_level, stats_interval=args.stats_interval, tool_parse_errors=args.tool_parse_errors,
+        limits=limits)
     return engine_config, serve_config, args.max_queue
 
 
@@ -163,15 +222,15 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
     from engine.async_engine import AsyncEngine
     from server.app import create_app
+    from server.lifecycle import build_server
 
     app = create_app(AsyncEngine(engine_config, max_queue=max_queue), serve_config)
-    uvicorn.run(app, host=serve_config.host, port=serve_config.port, log_level=serve_config.log_level,
-                timeout_graceful_shutdown=int(serve_config.drain_timeout) + 1)
-    return 0
+    server = build_server(app, serve_config.host, serve_config.port, serve_config.log_level,
+                          serve_config.drain_timeout, serve_config.limits)
+    server.run()  # returns after a drain (SIGTERM/SIGINT): exit status 0
+    return 0 if server.started else 1
 
 
 def run_make_tiny(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

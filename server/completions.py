@@ -15,6 +15,7 @@ the chat endpoint (DeepSeek: usage on the final finish chunk).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer import FIM_BEGIN_TOKEN, FIM_END_TOKEN, FIM_HOLE_TOKEN
 from server.chat_template import BOS, EOS
 from server.errors import invalid_request
+from server.logit_bias import LogitBias, check_logit_bias
 from server.protocol import (
     DEFAULT_MAX_TOKENS_FIM, MAX_TOP_LOGPROBS, CompletionRequest, cache_salt, check_n, check_sampling,
     check_stream_options, resolve_max_tokens,
@@ -62,17 +64,18 @@ def plan_completion(ctx: ServerContext, req: CompletionRequest) -> CompletionPla
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
         raise invalid_request(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.logprobs}", "logprobs")
     n = check_n(req.n)
-    sampling = check_sampling(req, thinking=False, defaults=ctx.engine.generation_defaults)
+    sampling = check_sampling(req, thinking=False, defaults=ctx.engine.generation_defaults, limits=ctx.config.limits)
+    logit_bias = check_logit_bias(req.logit_bias, ctx.engine.tokenizer.vocab_size)
     include_usage = check_stream_options(req.stream, req.stream_options)
     salt = cache_salt(req.user_id, req.user)
-    prompt_ids = ctx.engine.tokenizer.encode(render_prompt(ctx.engine.tokenizer, prompt, req.suffix))
+    prompt_ids = ctx.encode_prompt(render_prompt(ctx.engine.tokenizer, prompt, req.suffix), "prompt")
     max_tokens = resolve_max_tokens(req.max_tokens, "max_tokens", DEFAULT_MAX_TOKENS_FIM, len(prompt_ids),
                                     ctx.engine.max_model_len)
     try:
         params = [SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                                  seed=None if sampling.seed is None else sampling.seed + i, stop=sampling.stop,
-                                 ignore_eos=req.ignore_eos,
-                                 logprobs=req.logprobs)
+                                 ignore_eos=req.ignore_eos, logprobs=req.logprobs,
+                                 logits_processors=[LogitBias(logit_bias)] if logit_bias else [])
                   for i in range(n)]
     except ValueError as err:
         raise invalid_request(str(err)) from None
@@ -159,4 +162,5 @@ class CompletionRun(Run):
 
 
 async def create_completion(ctx: ServerContext, request: Request, req: CompletionRequest) -> Response:
-    return await CompletionRun(ctx, plan_completion(ctx, req)).respond(request)
+    plan = await asyncio.to_thread(plan_completion, ctx, req)  # tokenizing is slow for big prompts
+    return await CompletionRun(ctx, plan).respond(request)

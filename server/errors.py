@@ -7,13 +7,15 @@ not vLLM's integer). Status policy (api-surface §6):
   unknown model ("Model Not Exist", as older DeepSeek did), `prefix` outside /beta.
 - 422 invalid_request_error: the body does not deserialize into the request type (wrong types,
   missing fields) — DeepSeek answers these with 422 "Failed to deserialize the JSON body".
-- 401 authentication_error, 404 for unknown routes, 429 rate_limit_reached (queue full),
-  503 server_overloaded (shutting down, engine failure), 500 server_error for anything unexpected (logged).
+- 401 authentication_error (the message never repeats any part of the key given), 404 for
+  unknown routes, 408/413/415 for slow, oversized or non-JSON bodies (server/http_guard.py),
+  429 rate_limit_reached (queue full) and 503 server_overloaded (shutting down, engine
+  failure), both with `Retry-After`; 500 server_error for anything unexpected (logged once, by
+  server/http_guard.py).
 """
 
 from __future__ import annotations
 
-import logging
 import re
 
 from fastapi import FastAPI, Request
@@ -24,17 +26,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.chat_template import ChatTemplateError
 
-logger = logging.getLogger(__name__)
-
 INVALID_REQUEST = "invalid_request_error"
+RETRY_AFTER_SECONDS = 1  # in the Retry-After header of 429 and 503 answers
 
 
 class APIError(Exception):
     """An error the client should see: HTTP status plus the OpenAI error fields."""
 
     def __init__(self, status: int, message: str, *, type: str = INVALID_REQUEST,
-                 param: str | None = None, code: str = INVALID_REQUEST):
+                 param: str | None = None, code: str = INVALID_REQUEST, headers: dict | None = None):
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.type = type
@@ -61,8 +63,8 @@ def invalid_parameters(message: str, param: str | None = None) -> APIError:
 
 
 def authentication_failed(given_key: str | None) -> APIError:
-    if given_key:
-        message = f"Authentication Fails, Your api key: ****{given_key[-4:]} is invalid"
+    if given_key:  # no characters of the key: an error body or log line must not leak it
+        message = "Authentication Fails, the api key given is invalid"
     else:
         message = "Authentication Fails, no api key provided (use 'Authorization: Bearer <key>')"
     return APIError(401, message, type="authentication_error")
@@ -70,13 +72,14 @@ def authentication_failed(given_key: str | None) -> APIError:
 
 def queue_full(detail: str = "the request queue is full") -> APIError:
     return APIError(429, f"Rate Limit Reached: {detail}, retry after a wait",
-                    type="rate_limit_error", code="rate_limit_reached")
+                    type="rate_limit_error", code="rate_limit_reached",
+                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 def unavailable(reason: str | None = None) -> APIError:
     why = f" ({reason})" if reason else " (shutting down or engine failure)"
     return APIError(503, f"Server Overloaded: the server is not accepting requests{why}, retry after a wait",
-                    type="server_error", code="server_overloaded")
+                    type="server_error", code="server_overloaded", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 def model_not_found(model: str, known: list[str]) -> APIError:
@@ -119,16 +122,19 @@ def anthropic_error_body(error: APIError) -> dict:
     return {"type": "error", "error": {"type": kind, "message": error.message}}
 
 
+def error_body_for(path: str, error: APIError) -> dict:
+    """The error body in the envelope the route's clients expect (Anthropic or OpenAI)."""
+    return anthropic_error_body(error) if path.startswith(ANTHROPIC_PATHS) else error.to_dict()
+
+
 def _response(error: APIError, request: Request, headers: dict | None = None) -> JSONResponse:
-    is_anthropic = request.url.path.startswith(ANTHROPIC_PATHS)
-    body = anthropic_error_body(error) if is_anthropic else error.to_dict()
-    return JSONResponse(body, status_code=error.status, headers=headers)
+    return JSONResponse(error_body_for(request.url.path, error), status_code=error.status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return _response(exc, request)
+        return _response(exc, request, exc.headers)
 
     @app.exception_handler(ChatTemplateError)
     async def _template_error(request: Request, exc: ChatTemplateError):
@@ -142,9 +148,3 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException):
         code = "not_found" if exc.status_code == 404 else INVALID_REQUEST
         return _response(APIError(exc.status_code, str(exc.detail), code=code), request, getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _response(APIError(500, "Server Error: an internal error occurred, retry after a wait",
-                                  type="server_error", code="server_error"), request)

@@ -3,7 +3,11 @@
 Supported keywords: `type` (string or list), `properties`, `required`, `additionalProperties`
 (false or a schema), `items`, `enum`, `const`, `anyOf`; boolean schemas. Everything else
 (`format`, `minimum`, `$ref`, ...) is ignored, i.e. accepted. Values are decoded JSON
-(`json.loads` output). A malformed schema raises ValueError naming its location.
+(`json.loads` output).
+
+`check_schema` walks a whole schema once, up front (a request's tool `parameters`), and raises
+ValueError naming the first malformed keyword at any depth. A schema it accepts never makes
+`validate` fail: the tool call that arrives after generation is checked, not the schema.
 """
 
 from __future__ import annotations
@@ -48,8 +52,52 @@ def _json_equal(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+MAX_SCHEMA_DEPTH = 64  # nesting of sub-schemas; deeper is rejected, not recursed into
+
+
+def check_schema(schema: Any, path: str = "$", depth: int = 0) -> None:
+    """Raise ValueError naming the location of the first malformed keyword of `schema`."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise ValueError(f"schema at {path} must be an object or a boolean, got {_json_type(schema)}")
+    if depth > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"schema at {path} is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+    if "type" in schema:
+        allowed = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not allowed:
+            raise ValueError(f"schema at {path}: type must not be an empty list")
+        for name in allowed:
+            if not isinstance(name, str) or name not in _TYPE_CHECKS:
+                raise ValueError(f"schema at {path}: type must be one of {sorted(_TYPE_CHECKS)} "
+                                 f"(or a list of them), got {name!r}")
+    if "properties" in schema:
+        properties = schema["properties"]
+        if not isinstance(properties, dict):
+            raise ValueError(f"schema at {path}: properties must be an object")
+        for key, sub in properties.items():
+            check_schema(sub, f"{path}.properties.{key}", depth + 1)
+    if "required" in schema:
+        required = schema["required"]
+        if not isinstance(required, list) or not all(isinstance(key, str) for key in required):
+            raise ValueError(f"schema at {path}: required must be a list of property names")
+    if "additionalProperties" in schema:
+        check_schema(schema["additionalProperties"], f"{path}.additionalProperties", depth + 1)
+    if "items" in schema:
+        check_schema(schema["items"], f"{path}.items", depth + 1)
+    if "enum" in schema and not isinstance(schema["enum"], list):
+        raise ValueError(f"schema at {path}: enum must be a list")
+    if "anyOf" in schema:
+        options = schema["anyOf"]
+        if not isinstance(options, list) or not options:
+            raise ValueError(f"schema at {path}: anyOf must be a non-empty list of schemas")
+        for i, sub in enumerate(options):
+            check_schema(sub, f"{path}.anyOf[{i}]", depth + 1)
+
+
 def validate(schema: Any, value: Any, path: str = "$") -> list[str]:
-    """Errors of `value` against `schema` as "path: message" strings; empty when valid."""
+    """Errors of `value` against `schema` as "path: message" strings; empty when valid.
+    `schema` must have passed `check_schema` (a malformed one may raise ValueError here)."""
     if schema is True:
         return []
     if schema is False:

@@ -12,7 +12,12 @@ Parameter policies (DeepSeek V4, api-surface §2.3–§2.4):
 - `frequency_penalty`/`presence_penalty` are accepted and have no effect (deprecated in V4).
 - `user_id` (`[A-Za-z0-9_-]{1,512}`, 400 otherwise) or else OpenAI's `user` becomes the
   prefix-cache salt, isolating users' KV caches.
-- `n` in [1, 16]; `stop` at most 16 strings; `top_logprobs` in [0, 20] and needs `logprobs`.
+- `n` in [1, 16]; `stop` at most `--max-stop-strings` strings of at most `--max-stop-length`
+  characters (server/limits.py); `top_logprobs` in [0, 20] and needs `logprobs`.
+- Types are strict: `max_tokens: "8"` or `true` is a 422, not coerced (an int is accepted where a
+  float is expected).
+- `logit_bias` (`{"<token id>": bias}`, bias in [-100, 100], at most 300 entries) is added to
+  the logits before sampling.
 - `stream_options` without `stream: true` is a 400.
 - `ignore_eos` (a vLLM extension, used by `dsv4 bench serve`) keeps generating past EOS.
 """
@@ -26,10 +31,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from server.errors import from_validation_error, invalid_request
+from server.limits import RequestLimits
 from server.pricing import CostBreakdown
 
 MAX_N = 16
-MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_OUTPUT_TOKENS = 393_216  # DeepSeek's documented ceiling (384K)
 DEFAULT_MAX_TOKENS_CHAT = 8_192
@@ -43,7 +48,8 @@ EFFORT_ALIASES = {"low": "low", "minimal": "low", "medium": "high", "high": "hig
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: no "8" -> 8 or true -> 1 coercion; a wrong type is the client's bug, said so.
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class _GenerationBody(_Body):
@@ -63,6 +69,7 @@ class _GenerationBody(_Body):
     n: int | None = 1
     seed: int | None = None
     ignore_eos: bool = False
+    logit_bias: dict[str, float] | None = None
 
 
 class ChatCompletionRequest(_GenerationBody):
@@ -124,7 +131,8 @@ class SamplingChoice:
 
 
 def check_sampling(req: ChatCompletionRequest | CompletionRequest, thinking: bool,
-                   defaults: tuple[float, float] = (1.0, 1.0)) -> SamplingChoice:
+                   defaults: tuple[float, float] = (1.0, 1.0),
+                   limits: RequestLimits = RequestLimits()) -> SamplingChoice:
     """``defaults``: (temperature, top_p) from the checkpoint's generation_config.json, used when
     the request leaves them out and always in thinking mode (as vLLM applies a model's defaults)."""
     if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
@@ -136,8 +144,7 @@ def check_sampling(req: ChatCompletionRequest | CompletionRequest, thinking: boo
         if value is not None and not -2.0 <= value <= 2.0:
             raise invalid_request(f"{name} must be in [-2, 2], got {value}", name)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > MAX_STOP_STRINGS:
-        raise invalid_request(f"stop accepts at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
+    limits.check_stop(stop)
     if any(not s for s in stop):
         raise invalid_request("stop strings must be non-empty", "stop")
     if thinking:  # DeepSeek ignores these in thinking mode (no error)

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from engine.outputs import StepStats
 from server.errors import model_not_found
 from server.json_constraint import JsonVocabIndex, TokenTable
+from server.limits import PromptEncoder, RequestLimits
 from server.metrics import Metrics, StatsLogger
 from server.pricing import CostBreakdown, PriceTable
 from server.protocol import UsageCounts
@@ -52,6 +53,7 @@ class ServeConfig:
     # Unparseable tool-call markup / calls to unknown tools: "content" returns the text as
     # content (with `tool_call_error`), "error" fails the request instead.
     tool_parse_errors: str = "content"
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
     def __post_init__(self):
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -92,6 +94,7 @@ class ServerContext:
         self.metrics: Metrics | None = None
         self._token_table: TokenTable | None = None
         self._json_index: JsonVocabIndex | None = None
+        self._prompt_encoder: PromptEncoder | None = None
         self.system_fingerprint = ""
         self.stats_logger: StatsLogger | None = None
         self._stats_lock = threading.Lock()  # StatsLogger: fed on the engine thread, read on the event loop
@@ -108,6 +111,8 @@ class ServerContext:
         digest = hashlib.sha256(f"{self.config.served_model_name}:{self.engine.model_config!r}".encode())
         self.system_fingerprint = f"fp_{digest.hexdigest()[:10]}_dsv4"
         self._token_table = TokenTable(self.engine.tokenizer)  # once, at startup, not in a request
+        self._prompt_encoder = PromptEncoder(self.engine.tokenizer,
+                                             max(len(data) for data in self._token_table.token_bytes))
 
     # ---- models --------------------------------------------------------------------------
 
@@ -115,6 +120,18 @@ class ServerContext:
         if model not in self.config.model_names:
             raise model_not_found(model, list(self.config.model_names))
         return model
+
+    # ---- prompts -------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt, param: str) -> list[int]:
+        """Prompt ids within `limits.max_prompt_tokens` and the context (400 naming `param`
+        otherwise); call it off the event loop (it runs the tokenizer)."""
+        if self._prompt_encoder is None:
+            self._prompt_encoder = PromptEncoder(self.engine.tokenizer,
+                                                 max(len(data) for data in self.token_table.token_bytes))
+        max_model_len = self.engine.max_model_len
+        return self._prompt_encoder.encode(prompt, self.config.limits.prompt_token_limit(max_model_len),
+                                           max_model_len, param)
 
     # ---- token tables (shared by all requests; the JSON index is built on first use) -----
 

@@ -12,6 +12,8 @@ Aborts and errors are not stops: the scheduler and the engine core end those.
 
 from __future__ import annotations
 
+from array import array
+
 from engine.core.request import Request, RequestStatus
 
 
@@ -38,16 +40,22 @@ class StopChecker:
     The match that completes earliest in the stream wins (at equal end, the longer one), so the
     result does not depend on how the text was split into deltas. Only the longest suffix that
     is a proper prefix of some stop string is held back; the caller gets it from `flush()`.
+
+    Each stop string runs a KMP automaton over the stream: its state is the length of the
+    longest prefix of the stop string that ends the text so far, so a match is state ==
+    len(stop) and the hold-back is the largest state. Setup is O(total stop length) and each
+    character costs amortised O(number of stop strings), whatever the lengths (no prefix sets,
+    whose size grows with the square of the length: a 1 MB stop string once took 22 GB).
     """
 
     def __init__(self, stop: list[str] | str, include_stop_str_in_output: bool = False) -> None:
         stop = [stop] if isinstance(stop, str) else list(stop)
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
-        self._stops = stop
+        self._stops = list(dict.fromkeys(stop))  # a repeated stop string needs one automaton
         self._include_stop_str = include_stop_str_in_output
-        self._proper_prefixes = {s[:n] for s in stop for n in range(1, len(s))}
-        self._max_holdback = max((len(s) for s in stop), default=1) - 1
+        self._failures = [_failure_function(s) for s in self._stops]
+        self._states = [0] * len(self._stops)
         self._pending = ""
         self.matched: str | None = None
 
@@ -60,14 +68,16 @@ class StopChecker:
         if self.stopped:
             return "", True, self.matched
         text = self._pending + new_text
-        match = self._first_match(text)
-        if match is not None:
-            start, stop_str = match
-            self._pending = ""
-            self.matched = stop_str
-            end = start + len(stop_str) if self._include_stop_str else start
-            return text[:end], True, stop_str
-        keep = self._holdback_length(text)
+        offset = len(self._pending)  # the pending text was already run through the automata
+        for position in range(offset, len(text)):
+            matched = self._advance(text[position])
+            if matched is not None:
+                start = position + 1 - len(matched)
+                self._pending = ""
+                self.matched = matched
+                end = position + 1 if self._include_stop_str else start
+                return text[:end], True, matched
+        keep = max(self._states, default=0)
         self._pending = text[len(text) - keep:]
         return text[:len(text) - keep], False, None
 
@@ -84,19 +94,32 @@ class StopChecker:
             return emit, matched
         return (emit + self.flush() if finished else emit), None
 
-    def _first_match(self, text: str) -> tuple[int, str] | None:
-        best: tuple[int, int, str] | None = None   # (end, start, stop string)
-        for stop_str in self._stops:
-            start = text.find(stop_str)
-            if start < 0:
-                continue
-            candidate = (start + len(stop_str), start, stop_str)
-            if best is None or candidate[:2] < best[:2]:
-                best = candidate
-        return None if best is None else (best[1], best[2])
+    def _advance(self, char: str) -> str | None:
+        """Step every automaton by one character; the longest stop string completed here."""
+        matched = None
+        for i, stop_str in enumerate(self._stops):
+            state, failure = self._states[i], self._failures[i]
+            while state and stop_str[state] != char:
+                state = failure[state - 1]
+            if stop_str[state] == char:
+                state += 1
+            if state == len(stop_str):
+                if matched is None or len(stop_str) > len(matched):
+                    matched = stop_str
+                state = failure[state - 1]
+            self._states[i] = state
+        return matched
 
-    def _holdback_length(self, text: str) -> int:
-        for length in range(min(len(text), self._max_holdback), 0, -1):
-            if text[-length:] in self._proper_prefixes:
-                return length
-        return 0
+
+def _failure_function(pattern: str) -> array:
+    """KMP: failure[i] = length of the longest proper prefix of pattern[:i + 1] that is also
+    its suffix (4 bytes per character)."""
+    failure = array("i", bytes(4 * len(pattern)))
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = failure[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        failure[i] = k
+    return failure

@@ -189,8 +189,9 @@ def test_api_key_required(live):
         resp = httpx.post(base + "/v1/chat/completions", json=_chat(), headers=headers)
         assert resp.status_code == 401
         assert _error(resp)["type"] == "authentication_error"
-    assert "****9999" in httpx.post(base + "/chat/completions", json=_chat(),
-                                    headers={"Authorization": "Bearer wrong-key-9999"}).json()["error"]["message"]
+    message = httpx.post(base + "/chat/completions", json=_chat(),
+                         headers={"Authorization": "Bearer wrong-key-9999"}).json()["error"]["message"]
+    assert "invalid" in message and "9999" not in message  # no characters of the key given
     assert httpx.get(base + "/v1/models").status_code == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=base + "/v1", api_key="nope", max_retries=0).models.list()
