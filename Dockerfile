@@ -2,8 +2,14 @@
 # dsv4-serve: OpenAI/DeepSeek-compatible server for DeepSeek-V4 models.
 #
 #   docker build -t dsv4-serve .
-#   docker run --gpus all -p 8000:8000 -v /path/to/DeepSeek-V4-Flash:/models/model:ro dsv4-serve \
-#       --model /models/model --host 0.0.0.0 --port 8000 --served-model-name deepseek-v4-flash
+#   docker run --gpus all -p 127.0.0.1:8000:8000 -e DSV4_API_KEY="$(openssl rand -hex 24)" \
+#       -v /path/to/DeepSeek-V4-Flash:/models/model:ro dsv4-serve
+#
+# No open endpoint by default: the container listens on 0.0.0.0 (to be reachable through the
+# published port), so `dsv4 serve` refuses to start unless DSV4_API_KEY is set (clients send
+# `Authorization: Bearer $DSV4_API_KEY`). Behind your own authenticating proxy, append
+# `--allow-no-api-key` to the arguments instead. Publish the port on 127.0.0.1 as above unless
+# other hosts should reach it.
 
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 

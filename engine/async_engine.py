@@ -197,6 +197,15 @@ class AsyncEngine:
             if not finished:  # the consumer went away (client disconnect, cancellation)
                 self.abort(request_id)
 
+    async def run_in_engine_thread(self, fn: Callable[[EngineCore], object]):
+        """``fn(core)`` on the loop thread between steps, its result (or exception) returned
+        here: a consistent view of the scheduler and the cache (e.g. ``check_integrity``)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put(("call", fn, loop, future))
+        self._wake.set()
+        return await future
+
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
         self._wake.set()
@@ -254,6 +263,13 @@ class AsyncEngine:
                 self.core.abort(cmd[1])
             elif cmd[0] == "finish":
                 self.core.finish_request(*cmd[1:])
+            elif cmd[0] == "call":
+                _, fn, loop, future = cmd
+                try:
+                    result, error = fn(self.core), None
+                except Exception as e:  # the caller's problem, not the engine's
+                    result, error = None, e
+                _resolve(loop, future, result, error)
 
     def _deliver(self, request_id: str, item) -> None:
         last = isinstance(item, BaseException) or item.finished
@@ -271,3 +287,18 @@ class AsyncEngine:
             targets = list(self._streams.items())
         for rid, _ in targets:
             self._deliver(rid, exc)
+
+
+def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result, error) -> None:
+    def settle():
+        if future.done():  # the caller gave up waiting
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the caller's loop is closed
+        pass

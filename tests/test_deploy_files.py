@@ -123,7 +123,7 @@ def test_compose_mounts_files_that_exist_and_wires_the_services():
     services = compose["services"]
     assert set(services) == {"dsv4", "prometheus", "grafana"}
     assert (ROOT / services["dsv4"]["build"] / "Dockerfile").is_file()
-    assert "8000:8000" in services["dsv4"]["ports"]
+    assert services["dsv4"]["ports"] == ["127.0.0.1:8000:8000"]
     assert _flags(services["dsv4"]["command"]) <= SERVE_FLAGS
     mounts = {}
     for name, service in services.items():
@@ -157,6 +157,21 @@ def test_dockerfile_runs_non_root_with_healthcheck_and_entrypoint():
     assert _flags(json.loads(ops["CMD"])) <= SERVE_FLAGS
     users = [i for i, (op, _) in enumerate(final_stage) if op == "USER"]
     assert [op for op, _ in final_stage[users[-1]:]].count("RUN") == 0  # nothing runs as root after USER
+
+
+def test_no_open_endpoint_by_default():
+    """Compose publishes every port on loopback and cannot start without an API key; the image
+    listens on 0.0.0.0 without --allow-no-api-key, so `dsv4 serve` refuses to run keyless."""
+    services = _yaml_docs(ROOT / "docker-compose.yml")[0]["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond this machine"
+    assert services["dsv4"]["environment"]["DSV4_API_KEY"].startswith("${DSV4_API_KEY:?")
+    cmd = json.loads(dict(_dockerfile_instructions())["CMD"])
+    assert "--host" in cmd and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert "--allow-no-api-key" not in cmd and not any(arg.startswith("--api-key") for arg in cmd)
+    for manifest in ("single-node.yaml", "multi-node-tp.yaml"):
+        assert "--api-key=$(DSV4_API_KEY)" in (DEPLOY / "k8s" / manifest).read_text(), manifest
 
 
 def test_dockerfile_copies_what_the_build_needs_and_dockerignore_keeps_it():
