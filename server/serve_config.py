@@ -123,7 +123,7 @@ class ServerContext:
 
     # ---- prompts -------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt, param: str) -> list[int]:
+    def encode_prompt(self, prompt: str | list[str], param: str) -> list[int]:
         """Prompt ids within `limits.max_prompt_tokens` and the context (400 naming `param`
         otherwise); call it off the event loop (it runs the tokenizer)."""
         if self._prompt_encoder is None:
