@@ -26,21 +26,25 @@ def layout_signature(cache: KVCache) -> str:
     return hashlib.sha256(";".join(parts).encode()).hexdigest()
 
 
-def payload_bytes(cache: KVCache, units: dict[str, list[int]]) -> int:
-    return sum(len(units.get(pool, ())) * t[0].numel() * t.element_size()
-               for pool in POOL_ORDER for t in cache.unit_tensors(pool))
-
-
-def export_units(cache: KVCache, units: dict[str, list[int]]) -> bytes:
-    """The rows of `units` (pool -> unit ids, in checkpoint order) as one byte string."""
-    pieces = []
+def _unit_rows(cache: KVCache, units: dict[str, list[int]]):
+    """(tensor, unit ids as an index tensor, bytes of those rows) in payload order."""
     for pool in POOL_ORDER:
         ids = units.get(pool)
         if not ids:
             continue
         index = torch.tensor(ids, dtype=torch.long, device=cache.device)
         for t in cache.unit_tensors(pool):
-            pieces.append(t.index_select(0, index).contiguous().view(torch.uint8).reshape(-1).cpu())
+            yield t, index, len(ids) * t[0].numel() * t.element_size()
+
+
+def payload_bytes(cache: KVCache, units: dict[str, list[int]]) -> int:
+    return sum(size for _, _, size in _unit_rows(cache, units))
+
+
+def export_units(cache: KVCache, units: dict[str, list[int]]) -> bytes:
+    """The rows of `units` (pool -> unit ids, in checkpoint order) as one byte string."""
+    pieces = [t.index_select(0, index).contiguous().view(torch.uint8).reshape(-1).cpu()
+              for t, index, _ in _unit_rows(cache, units)]
     return torch.cat(pieces).numpy().tobytes() if pieces else b""
 
 
@@ -52,14 +56,8 @@ def import_units(cache: KVCache, units: dict[str, list[int]], payload: bytes) ->
         raise ValueError(f"checkpoint payload has {len(payload)} bytes, these units need {expected}")
     data = torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).copy()) if payload else None
     offset = 0
-    for pool in POOL_ORDER:
-        ids = units.get(pool)
-        if not ids:
-            continue
-        index = torch.tensor(ids, dtype=torch.long, device=cache.device)
-        for t in cache.unit_tensors(pool):
-            size = len(ids) * t[0].numel() * t.element_size()
-            rows = data[offset:offset + size].clone()  # a fresh buffer is aligned for any dtype
-            rows = rows.view(t.dtype).reshape(len(ids), *t.shape[1:])
-            t.index_copy_(0, index, rows.to(cache.device))
-            offset += size
+    for t, index, size in _unit_rows(cache, units):
+        rows = data[offset:offset + size].clone()  # a fresh buffer is aligned for any dtype
+        rows = rows.view(t.dtype).reshape(len(index), *t.shape[1:])
+        t.index_copy_(0, index, rows.to(cache.device))
+        offset += size
