@@ -322,6 +322,14 @@ HEADER = ["scenario", "requests", "with tool calls", "prompt tokens", "hit token
           "hit/ideal", "hit 0 of ideal > 0", "evictions"]
 
 
+def _cache_notes(metrics: dict[str, float]) -> str:
+    """Evictions by (reason, kind) and hit tokens by tier, from the daemon's /metrics."""
+    def moved(prefix):
+        return {k[len(prefix):].strip("{}"): v for k, v in metrics.items() if k.startswith(prefix) and v}
+    return (f"evictions {moved('dsv4:prefix_cache_evictions_total') or 'none'}; "
+            f"hit tokens by tier {moved('dsv4:prefix_cache_tier_hits_total')}")
+
+
 def _evictions(metrics: dict[str, float]) -> float:
     return sum(v for k, v in metrics.items() if k.startswith("dsv4:prefix_cache_evictions_total"))
 
@@ -347,8 +355,8 @@ class Bench:
 
     def _row(self, name, replayer, daemon, extra=()) -> Row:
         score_ideals(replayer.records)
-        row = Row(name, replayer.records, _evictions(daemon.metrics()), [*replayer.errors, *extra])
-        return row
+        metrics = daemon.metrics()
+        return Row(name, replayer.records, _evictions(metrics), [*replayer.errors, *extra, _cache_notes(metrics)])
 
     def sequential(self) -> list[Row]:
         daemon = self.daemon([])
