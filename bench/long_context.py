@@ -3,7 +3,7 @@
 Each length runs in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own:
 
     python bench/long_context.py [--lengths 8192 32768 65536 131072] [--chunk 2048] [--gen 4]
-                                 [--timeout 1800]
+                                 [--timeout 1800] [--kv-mb 64]
 
 The prompt is fed in chunks of ``--chunk`` tokens (``max_num_batched_tokens``) through the
 engine (``LLM.generate``); the model is make-tiny's default shape (4 layers: sliding, CSA, HCA,
@@ -22,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_one(model_dir: str, length: int, chunk: int, gen: int) -> dict:
+def run_one(model_dir: str, length: int, chunk: int, gen: int, kv_mb: int) -> dict:
     import resource
 
     import torch
@@ -32,7 +32,7 @@ def run_one(model_dir: str, length: int, chunk: int, gen: int) -> dict:
 
     torch.set_num_threads(1)
     llm = LLM(model_dir, max_num_batched_tokens=chunk, max_num_seqs=1, enable_prefix_cache=False,
-              kv_cache_memory=512 * 1024 * 1024)
+              kv_cache_memory=kv_mb * 1024 * 1024)
     g = torch.Generator().manual_seed(length)
     prompt = torch.randint(2, llm.engine.model_config.vocab_size, (length,), generator=g).tolist()
     t = time.perf_counter()
@@ -49,12 +49,13 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--gen", type=int, default=4)
+    ap.add_argument("--kv-mb", type=int, default=64, help="KV cache budget (MiB); 64 holds 131072 tokens of the tiny model")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per length")
     ap.add_argument("--model", default=None)
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     if args.one is not None:
-        print(json.dumps(run_one(args.model, args.one, args.chunk, args.gen)))
+        print(json.dumps(run_one(args.model, args.one, args.chunk, args.gen, args.kv_mb)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
@@ -67,7 +68,7 @@ def main() -> None:
         print(f"{'tokens':>7} | {'seconds':>8} | {'prefill tok/s':>13} | {'peak RSS MB':>11}")
         for n in args.lengths:
             cmd = [sys.executable, __file__, "--model", model_dir, "--one", str(n), "--chunk", str(args.chunk),
-                   "--gen", str(args.gen)]
+                   "--gen", str(args.gen), "--kv-mb", str(args.kv_mb)]
             try:
                 res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=True)
             except subprocess.TimeoutExpired:

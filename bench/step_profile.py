@@ -12,7 +12,7 @@ Measured from outside the engine through its public API (``LLM`` → ``EngineCor
   does not dispatch, so it is counted by wrapping the method for the measured step).
 - **host step time**: ``EngineCore.step`` at 256 running sequences with the model replaced by a
   stub that returns fixed logits (benchmark only), so what is left is schedule + batch build +
-  sample + outputs.
+  sample + outputs (the runner's share — batch build, stub forward, sample — is timed apart).
 
     python bench/step_profile.py [--batch-sizes 1 32 128] [--host-seqs 256] [--host-steps 30]
 
@@ -195,15 +195,27 @@ def host_step_time(model_dir: str, seqs: int, steps: int) -> dict:
     _start_decoding(llm, seqs, 16, llm.engine.model_config.vocab_size)
     for _ in range(3):
         llm.engine.step()
-    times = []
+    times, runner_times = [], []
+    execute = runner.execute
+
+    def timed_execute(*a, **k):  # the runner's share: batch build, stub forward, sample
+        t0 = time.perf_counter()
+        try:
+            return execute(*a, **k)
+        finally:
+            runner_times.append(time.perf_counter() - t0)
+    runner.execute = timed_execute
     for _ in range(steps):
         t = time.perf_counter()
         llm.engine.step()
         times.append(time.perf_counter() - t)
     assert llm.engine.scheduler.num_running == seqs
     llm.shutdown()
-    times.sort()
-    return {"seqs": seqs, "steps": steps, "median_ms": 1e3 * times[len(times) // 2], "mean_ms": 1e3 * sum(times) / len(times)}
+
+    def median_ms(xs):
+        return 1e3 * sorted(xs)[len(xs) // 2]
+    return {"seqs": seqs, "steps": steps, "median_ms": median_ms(times), "mean_ms": 1e3 * sum(times) / len(times),
+            "runner_median_ms": median_ms(runner_times[-steps:])}
 
 
 def main() -> None:
@@ -230,7 +242,9 @@ def main() -> None:
               f"{r['ops_outside_forward']:>11} | {r['syncs_per_step']:>10} | {r['syncs_in_forward']:>10} | "
               f"{r['sync_kinds']}")
     print(f"host step time at {host['seqs']} sequences (stub model, {host['steps']} steps): "
-          f"median {host['median_ms']:.2f} ms, mean {host['mean_ms']:.2f} ms")
+          f"median {host['median_ms']:.2f} ms, mean {host['mean_ms']:.2f} ms; of which the model runner "
+          f"(batch build + stub forward + sample) median {host['runner_median_ms']:.2f} ms, the rest is the "
+          f"scheduler/KV manager, detokenizer and outputs")
 
 
 if __name__ == "__main__":

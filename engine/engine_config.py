@@ -37,6 +37,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
     seed: int = 0
+    compile: bool = False  # torch.compile(fullgraph=True) of the decode forward, any device
+    enforce_eager: bool = False  # no CUDA graphs for decode on CUDA
 
     def __post_init__(self) -> None:
         def positive(name):
@@ -46,6 +48,8 @@ class EngineConfig:
 
         for name in ("max_num_seqs", "max_num_batched_tokens", "prefix_cache_unit", "tensor_parallel_size"):
             positive(name)
+        if self.compile and self.tensor_parallel_size > 1:
+            raise ValueError("compile is not supported with tensor_parallel_size > 1 (ranks run eagerly)")
         if self.kv_cache_memory is not None:
             positive("kv_cache_memory")
         if self.prefix_cache_unit % 64:

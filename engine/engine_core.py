@@ -134,7 +134,8 @@ class EngineCore:
                                        enable_expert_parallel=cfg.enable_expert_parallel, seed=cfg.seed)
         from engine.worker.model_runner import ModelRunner
 
-        return ModelRunner(self.model_dir, self.model_config, self.dtype, self.device, seed=cfg.seed)
+        return ModelRunner(self.model_dir, self.model_config, self.dtype, self.device, seed=cfg.seed,
+                           compile=cfg.compile, enforce_eager=cfg.enforce_eager)
 
     def _kv_budget(self) -> int:
         if self.config.kv_cache_memory:

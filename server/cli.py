@@ -100,6 +100,9 @@ def _add_serve(subparsers) -> None:
                         help="with --tensor-parallel-size: place whole experts per rank instead of slicing them")
     engine.add_argument("--seed", type=int, default=0,
                         help="seed of the sampler shared by requests that give no seed (default: 0)")
+    engine.add_argument("--compile", action="store_true",
+                        help="run decode steps through torch.compile(fullgraph=True) (any device)")
+    engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps on CUDA")
     engine.add_argument("--max-queue", type=int, default=1024,
                         help="waiting requests before new ones get HTTP 429")
     server = p.add_argument_group("server")
@@ -191,7 +194,7 @@ def build_configs(args: argparse.Namespace):
         prefix_cache_dir_size=args.prefix_cache_dir_size,
         max_model_len=args.max_model_len,
         tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
-        seed=args.seed)
+        seed=args.seed, compile=args.compile, enforce_eager=args.enforce_eager)
     api_keys = tuple(args.api_keys) + ((os.environ["DSV4_API_KEY"],) if os.environ.get("DSV4_API_KEY") else ())
     if not api_keys and not args.allow_no_api_key and not _is_loopback(args.host):
         raise ValueError(f"--host {args.host} serves beyond this machine: give --api-key KEY (or set DSV4_API_KEY), "

@@ -92,13 +92,6 @@ class ModelConfig:
     def nope_dim(self) -> int:
         return self.head_dim - self.rope_dim
 
-    @property
-    def heads_per_group(self) -> int:
-        return self.num_heads // self.o_groups
-
-    def layer_ratio(self, layer: int) -> int:
-        return self.compress_ratios[layer]
-
     def is_hash_layer(self, layer: int) -> bool:
         return layer < self.num_hash_layers
 

@@ -8,7 +8,7 @@ go there, and padded block-table columns point there.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -46,14 +46,15 @@ class CompressPlan:
     valid: torch.Tensor  # [E] bool
 
     @classmethod
-    def of(cls, starts: list[int], ends: list[int], ratio: int, device) -> "CompressPlan":
-        seq, window, valid = [], [], []
-        for b, (s, e) in enumerate(zip(starts, ends)):
-            first, last = s // ratio, (e - 1) // ratio
-            seq += [b] * (last - first + 1)
-            window += range(first, last + 1)
-            valid += [(w + 1) * ratio <= e for w in range(first, last + 1)]
-        return cls(_long(seq, device), _long(window, device), torch.tensor(valid, dtype=torch.bool, device=device))
+    def of(cls, starts: list[int], ends: list[int], start_pos: torch.Tensor, end_pos: torch.Tensor,
+           ratio: int) -> "CompressPlan":
+        """From the host-side bounds (which fix the entry count) and their device copies."""
+        dev = start_pos.device
+        counts = _long([(e - 1) // ratio - s // ratio + 1 for s, e in zip(starts, ends)], dev)
+        total = sum((e - 1) // ratio - s // ratio + 1 for s, e in zip(starts, ends))
+        seq = torch.repeat_interleave(torch.arange(len(starts), device=dev), counts, output_size=total)
+        window = start_pos[seq] // ratio + torch.arange(total, device=dev) - (counts.cumsum(0) - counts)[seq]
+        return cls(seq, window, (window + 1) * ratio <= end_pos[seq])
 
 
 @dataclass
@@ -77,6 +78,29 @@ class ForwardBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
+    # ---- static copies (CUDA-graph replay) --------------------------------------------
+    def _tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+
+    def shape_key(self) -> tuple:
+        """Everything a captured forward's shapes depend on."""
+        plans = tuple((m, p.seq.shape[0]) for m, p in sorted(self.plans.items()))
+        return tuple(tuple(t.shape) for _, t in self._tensors()) + plans + (self.max_end_pos,)
+
+    def clone(self) -> "ForwardBatch":
+        plans = {m: CompressPlan(p.seq.clone(), p.window.clone(), p.valid.clone()) for m, p in self.plans.items()}
+        return replace(self, plans=plans, seqs=None, **{n: t.clone() for n, t in self._tensors()})
+
+    def copy_(self, other: "ForwardBatch") -> None:
+        """Take ``other``'s values into these tensors (same ``shape_key``)."""
+        for name, t in self._tensors():
+            t.copy_(getattr(other, name), non_blocking=True)
+        for m, p in self.plans.items():
+            q = other.plans[m]
+            p.seq.copy_(q.seq, non_blocking=True)
+            p.window.copy_(q.window, non_blocking=True)
+            p.valid.copy_(q.valid, non_blocking=True)
+
     def tables(self, ratio: int) -> torch.Tensor:
         return self.c4_tables if ratio == CSA_RATIO else self.c128_tables
 
@@ -97,6 +121,7 @@ class ForwardBatch:
         pos = [s.start_pos + i for s in seqs for i in range(s.num_tokens)]
         seq_ids = [b for b, s in enumerate(seqs) for _ in range(s.num_tokens)]
         starts, ends = [s.start_pos for s in seqs], [s.end_pos for s in seqs]
+        start_pos, end_pos = _long(starts, device), _long(ends, device)
         cu = [0]
         for toks in token_lists:
             cu.append(cu[-1] + len(toks))
@@ -105,14 +130,14 @@ class ForwardBatch:
             positions=_long(pos, device),
             seq_ids=_long(seq_ids, device),
             cu_seqlens=_long(cu, device),
-            start_pos=_long(starts, device),
-            end_pos=_long(ends, device),
+            start_pos=start_pos,
+            end_pos=end_pos,
             window_slots=_long([s.window_slot for s in seqs], device),
             state_slots=_long([NO_SLOT if s.state_slot is None else s.state_slot for s in seqs], device),
             c4_tables=block_table([s.c4_blocks for s in seqs], device),
             c128_tables=block_table([s.c128_blocks for s in seqs], device),
             logits_rows=_long(logits_rows, device),
-            plans={m: CompressPlan.of(starts, ends, m, device) for m in (CSA_RATIO, HCA_RATIO)},
+            plans={m: CompressPlan.of(starts, ends, start_pos, end_pos, m) for m in (CSA_RATIO, HCA_RATIO)},
             max_end_pos=max(ends, default=0),
             seqs=seqs,
         )

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.worker.input_batch import ForwardBatch, SeqView
 from engine.model.config import ModelConfig
-from engine.worker.kv_cache import CacheShape, KVCache
-from engine.model.loader import load_weights
 from engine.model.deepseek_v4 import DeepseekV4, Parallel
+from engine.model.loader import load_weights
 from engine.sampling_params import SamplingParams
+from engine.worker.batch_builder import BatchBuilder
+from engine.worker.input_batch import ForwardBatch
+from engine.worker.kv_cache import CacheShape, KVCache
 from engine.worker.sampler import Sampler, make_generator
+from engine.worker.step_executor import make_step
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +33,28 @@ class SampleResult:
 
 class ModelRunner:
     def __init__(self, model_dir: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 par: Parallel | None = None, seed: int = 0, shard_loader=None):
+                 par: Parallel | None = None, seed: int = 0, shard_loader=None, compile: bool = False,
+                 enforce_eager: bool = False):
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.model = DeepseekV4(cfg, dtype, par)
         # On CPU dequantise once at load (fast matmuls); on GPU keep the quantised form.
         load_weights(self.model, model_dir, keep_dense=device.type == "cpu", shard=shard_loader)
         self.model.to(device)
         self.cache: KVCache | None = None  # allocated once the KV budget is known
+        self.builder: BatchBuilder | None = None
         self.sampler = Sampler(seed=seed)
         self._generators: dict[str, torch.Generator] = {}
+        # Tensor-parallel ranks run eagerly: their collectives stay outside captured graphs.
+        parallel = par is not None and par.tp_size > 1
+        self.step = make_step(self._logits, torch.device(device), compile and not parallel,
+                              enforce_eager or parallel)
 
     def allocate_cache(self, shape: CacheShape, kv_cache_dtype: str = "auto") -> None:
         self.cache = KVCache(self.cfg, shape, self.dtype, self.device, kv_cache_dtype=kv_cache_dtype)
+        self.builder = BatchBuilder(shape, self.cfg.max_position_embeddings, torch.device(self.device))
+
+    def _logits(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model.compute_logits(self.model(batch, self.cache))
 
     # ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -50,21 +62,17 @@ class ModelRunner:
         """Run the model over ``chunks``; returns logits [n_sampling_chunks, V] in chunk order."""
         for c in copies_before:
             self.cache.copy(c.pool, c.src, c.dst)
-        token_lists, seqs, logits_rows = [], [], []
-        row = 0
-        for ch in chunks:
-            bt = ch.block_table
-            seqs.append(SeqView(row, len(ch.token_ids), ch.start_pos, bt.window_slot, bt.state_slot,
-                                list(bt.c4_blocks), list(bt.c128_blocks)))
-            token_lists.append(ch.token_ids)
-            row += len(ch.token_ids)
-            if ch.sample:
-                logits_rows.append(row - 1)
         logits = None
-        if seqs:
-            batch = ForwardBatch.build(token_lists, seqs, logits_rows, self.device)
-            hidden = self.model(batch, self.cache)
-            logits = self.model.compute_logits(hidden) if logits_rows else None
+        sampling = [i for i, ch in enumerate(chunks) if ch.sample]
+        if chunks:
+            decode = all(len(ch.token_ids) == 1 for ch in chunks)
+            batch = self.builder.build(chunks, captured=self.step.captured)
+            if sampling or decode and self.step.captured:
+                logits = self.step(batch, decode)
+                if logits.shape[0] != len(sampling):  # a captured decode bucket: every row has logits
+                    logits = logits[torch.tensor(sampling, device=logits.device)]
+            else:  # nothing to sample (prefill chunks only): no head
+                self.model(batch, self.cache)
         for c in copies_after:
             self.cache.copy(c.pool, c.src, c.dst)
         return logits
