@@ -26,10 +26,11 @@ KV_POOLS = tuple(pool.value for pool in CachePool)
 # Label values created up front so dashboards show zero-valued series before the first event.
 KNOWN_FINISH_REASONS = ("stop", "length", "tool_calls", "abort", "error")
 KNOWN_MISS_REASONS = ("cold", "partial_unit", "evicted", "disabled")
-# Prefix-cache checkpoints: where they live, why they left the device (the pool that ran short,
-# or a reset), their eviction class, why a lower-tier copy could not be loaded.
+# Prefix-cache checkpoints: where they live, why they left the device (the pool that ran short;
+# "reset" for an explicit offload, not created up front), their eviction class, why a lower-tier
+# copy could not be loaded.
 CHECKPOINT_TIERS = ("device", "host", "disk")
-EVICTION_REASONS = (*KV_POOLS, "reset")
+EVICTION_REASONS = KV_POOLS
 UNIT_KINDS = ("superseded", "leaf", "shared")
 LOAD_FAILURES = ("torn", "corrupt", "foreign", "missing")
 
