@@ -45,7 +45,8 @@ class SamplingParams:
     # The chat server turns this off: its parser needs `</think>` and DSML in the text.
     skip_special_tokens: bool = True
     # Callables ``(output_token_ids, logits[V]) -> logits[V]`` applied before sampling, e.g. the
-    # server's JSON-mode constraint. They see only this request's row.
+    # server's grammar constraints. They see only this request's row. A processor may also have
+    # ``prepare(output_token_ids)``, called before the forward so its work overlaps the forward.
     logits_processors: list = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:

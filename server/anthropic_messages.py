@@ -234,6 +234,7 @@ class MessagesRun(ChatRun):
     """One Messages request: the chat run's parse, Anthropic's message and events."""
 
     dialect = SseDialect(named=True, done=None, error=anthropic_error_body)
+    api = "anthropic_messages"
 
     def __init__(self, ctx: ServerContext, req: MessagesRequest, chat_req: ChatCompletionRequest):
         plan = plan_chat(ctx, chat_req, is_beta=False)

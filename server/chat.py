@@ -24,13 +24,15 @@ Policies:
   ("Thinking mode does not support this tool_choice"); `temperature` / `top_p` are ignored;
   `logprobs` is supported and also covers the reasoning (`logprobs.reasoning_content`, as in
   DeepSeek's current schema).
-- Chat mode: `strict` on functions and `tool_choice: "required"` / named are accepted but not
-  enforced (no grammar); `tool_choice: "none"` hides the tools from the prompt.
+- Structured outputs and strict tools (server/structured.py, xgrammar): `strict` functions and
+  `tool_choice: "required"` / named constrain the DSML block to the offered names and argument
+  schemas; `tool_choice: "none"` hides the tools from the prompt.
 - Messages: `developer` is rendered as `system`; the encoder's internal keys (`task`, and
   `tools` / `response_format` inside a message) are ignored. Client text never becomes a
   control token (`Tokenizer.encode_prompt`).
-- `response_format: json_object` constrains the content with `server/json_constraint.py`
-  (reasoning stays free); `json_schema` is a 400 like DeepSeek ("must be text or json_object").
+- `response_format: json_object` / `json_schema` constrain the content with a grammar
+  (server/grammar.py; reasoning stays free). DeepSeek answers `json_schema` with a 400; we
+  support it, as `chat.completions.parse` and LangChain's `with_structured_output` send it.
 - n > 1: choices are separate engine requests `<id>-<i>` (seed + i when seeded); usage counts
   the prompt once (choice 0's cache split) and every choice's output.
 - Streams put usage on the final finish chunk always (DeepSeek); `include_usage` only turns
@@ -53,7 +55,7 @@ from engine.tokenizer import Control
 from server.cache_hints import chat_cache_hints
 from server.chat_template import THINK_END, ends_inside_reasoning, render_messages
 from server.errors import APIError, invalid_request
-from server.json_constraint import JsonObjectProcessor
+from server.grammar import GrammarProcessor
 from server.json_schema import check_schema
 from server.logit_bias import LogitBias, check_logit_bias
 from server.parsers import Delta, OutputParser, validate_tool_arguments
@@ -64,6 +66,7 @@ from server.protocol import (
 )
 from server.runs import Choice, Run, RunPlan, envelope
 from server.serve_config import ServerContext
+from server.structured import request_constraint, response_format_kind
 
 logger = logging.getLogger(__name__)
 
@@ -165,17 +168,6 @@ def _check_tools(tools: list[dict] | None, tool_choice) -> list[dict] | None:
                           "'function': {'name': ...}}", "tool_choice")
 
 
-def _check_response_format(response_format: dict | None) -> bool:
-    """True for JSON Output."""
-    if response_format is None:
-        return False
-    kind = response_format.get("type", "text")
-    if kind not in ("text", "json_object"):
-        raise invalid_request(f"response_format.type must be text or json_object, got {kind!r}",
-                              "response_format.type")
-    return kind == "json_object"
-
-
 def _check_prefix(messages: list[dict], is_beta: bool) -> None:
     for i, message in enumerate(messages):
         if message.get("prefix") and not is_beta:
@@ -190,7 +182,7 @@ def plan_chat(ctx: ServerContext, req: ChatCompletionRequest, is_beta: bool) -> 
     _check_prefix(req.messages, is_beta)
     tools = _check_tools(req.tools, req.tool_choice)
     _check_thinking_tool_choice(req.tool_choice, thinking)
-    json_mode = _check_response_format(req.response_format)
+    json_mode = response_format_kind(req.response_format) != "text"
     n = check_n(req.n)
     sampling = check_sampling(req, thinking, ctx.engine.generation_defaults, ctx.config.limits)
     logit_bias = check_logit_bias(req.logit_bias, ctx.engine.tokenizer.vocab_size)
@@ -221,11 +213,13 @@ def plan_chat(ctx: ServerContext, req: ChatCompletionRequest, is_beta: bool) -> 
     max_tokens = resolve_max_tokens(requested, param, default, len(prompt_ids), ctx.engine.max_model_len)
 
     think_end_id = ctx.engine.tokenizer.token_to_id(THINK_END)
+    constraint = request_constraint(ctx.grammar, tools=tools, tool_choice=req.tool_choice,
+                                    response_format=req.response_format)
     params = []
     for i in range(n):
         processors = [LogitBias(logit_bias)] if logit_bias else []
-        if json_mode:
-            processors.append(JsonObjectProcessor(ctx.json_index, think_end_id if starts_in_reasoning else None))
+        if constraint is not None:  # last: the grammar mask has the final word
+            processors.append(GrammarProcessor(constraint, think_end_id if starts_in_reasoning else None))
         try:
             params.append(SamplingParams(
                 max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,

@@ -119,6 +119,8 @@ class CompletionChoice(Choice):
 
 
 class CompletionRun(Run):
+    api = "completions"
+
     def __init__(self, ctx: ServerContext, plan: CompletionPlan):
         choices = [CompletionChoice(index=i, num_chars=len(plan.prompt_text) if plan.echo else 0)
                    for i in range(len(plan.params))]

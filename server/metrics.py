@@ -21,6 +21,9 @@ from engine.core.cache_layout import CachePool
 from engine.outputs import StepStats
 from server.pricing import PRICE_KINDS, CostBreakdown
 
+# The request APIs (`api` label): OpenAI chat and text completions, Anthropic Messages, OpenAI Responses.
+APIS = ("chat_completions", "completions", "anthropic_messages", "responses")
+
 PREFIX = "dsv4:"
 KV_POOLS = tuple(pool.value for pool in CachePool)
 # Label values created up front so dashboards show zero-valued series before the first event.
@@ -191,6 +194,7 @@ class Metrics:
         self._init_token_series()
         self._init_latency_series(max_model_len, max_num_batched_tokens)
         self._init_billing_series()
+        self._init_api_series()
 
     # ---- construction --------------------------------------------------------------------------
 
@@ -281,6 +285,13 @@ class Metrics:
             self.tokens.labels(self.model_name, kind)
             self.cost_usd.labels(self.model_name, kind)
 
+    def _init_api_series(self):
+        self.api_requests = self._metric(Counter, "api_requests", "Ended requests, by API.", ("api",))
+        self.api_cost_usd = self._metric(Counter, "api_cost_usd", "Cost in USD billed, by API.", ("api",))
+        for api in APIS:
+            self.api_requests.labels(self.model_name, api)
+            self.api_cost_usd.labels(self.model_name, api)
+
     # ---- feeding -------------------------------------------------------------------------------
 
     def observe_step(self, stats: StepStats) -> None:
@@ -340,6 +351,13 @@ class Metrics:
         if cost is not None:
             for kind in PRICE_KINDS:
                 self.cost_usd.labels(name, kind).inc(cost.usd(kind))
+
+    def observe_api_request(self, api: str, cost: CostBreakdown | None) -> None:
+        """One ended API request (whatever its number of choices) and what it was billed."""
+        _check_label(api, "api")
+        self.api_requests.labels(self.model_name, api).inc()
+        if cost is not None:
+            self.api_cost_usd.labels(self.model_name, api).inc(cost.total_usd)
 
     def count_tool_parse_error(self, kind: str) -> None:
         """One tool-call block the parser rejected; `kind` says why (e.g. `bad_json`, `unknown_tool`)."""

@@ -231,6 +231,7 @@ def _call_item(item_id: str, call, status: str) -> dict:
 
 class ResponsesRun(ChatRun):
     """One Responses request: the chat run's parse, the Responses items and lifecycle."""
+    api = "responses"
 
     dialect = SseDialect(named=True, done=None,
                          error=lambda err: {"type": "error", "code": err.code, "message": err.message,

@@ -93,6 +93,7 @@ class Run(ABC):
     """The choices of one request, their engine job, and the bill (settled once)."""
 
     dialect: SseDialect = CHAT_CHUNKS  # how this API frames its stream
+    api: str = "chat_completions"  # the `api` label of its metrics
 
     def __init__(self, ctx: ServerContext, plan: RunPlan, choices: list[Choice]):
         self.ctx = ctx
@@ -141,7 +142,7 @@ class Run(ABC):
         if self._usage is None:
             self.before_settle()
             counts = self.usage()
-            cost = self.ctx.account(self.job.progress, [c.metric_reason for c in self.choices], counts)
+            cost = self.ctx.account(self.job.progress, [c.metric_reason for c in self.choices], counts, self.api)
             self._usage = counts.to_dict(cost)
             self._accounted = True
         return self._usage
@@ -150,7 +151,7 @@ class Run(ABC):
         """Client gone or failure before the end: record the requests, bill nothing."""
         if not self._accounted:
             self._accounted = True
-            self.ctx.account(self.job.progress, [c.metric_reason for c in self.choices], None)
+            self.ctx.account(self.job.progress, [c.metric_reason for c in self.choices], None, self.api)
 
     def envelope(self, kind: str, choices: list[dict]) -> dict:
         return envelope(kind, self.id, self.created, self.plan.model, self.ctx.system_fingerprint, choices)

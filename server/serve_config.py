@@ -24,11 +24,12 @@ from datetime import datetime, timezone
 
 from engine.outputs import StepStats
 from server.errors import model_not_found
-from server.json_constraint import JsonVocabIndex, TokenTable
+from server.grammar import GrammarLibrary
 from server.limits import PromptEncoder, RequestLimits
 from server.metrics import Metrics, StatsLogger
 from server.pricing import CostBreakdown, PriceTable
 from server.protocol import UsageCounts
+from server.token_table import TokenTable
 from server.tool_call_replay import ToolCallReplay
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class ServerContext:
         self.started_at = time.time()
         self.metrics: Metrics | None = None
         self._token_table: TokenTable | None = None
-        self._json_index: JsonVocabIndex | None = None
+        self._grammar: GrammarLibrary | None = None
         self._prompt_encoder: PromptEncoder | None = None
         self.system_fingerprint = ""
         self.stats_logger: StatsLogger | None = None
@@ -133,7 +134,7 @@ class ServerContext:
         return self._prompt_encoder.encode(prompt, self.config.limits.prompt_token_limit(max_model_len),
                                            max_model_len, param)
 
-    # ---- token tables (shared by all requests; the JSON index is built on first use) -----
+    # ---- token tables and grammars (shared by all requests; the grammar library on first use)
 
     @property
     def token_table(self) -> TokenTable:
@@ -142,10 +143,11 @@ class ServerContext:
         return self._token_table
 
     @property
-    def json_index(self) -> JsonVocabIndex:
-        if self._json_index is None:
-            self._json_index = JsonVocabIndex(self.token_table)
-        return self._json_index
+    def grammar(self) -> GrammarLibrary:
+        if self._grammar is None:
+            model_vocab = getattr(self.engine.model_config, "vocab_size", None)
+            self._grammar = GrammarLibrary(self.token_table, self.engine.tokenizer.control_ids, model_vocab)
+        return self._grammar
 
     # ---- billing and metrics -------------------------------------------------------------
 
@@ -156,12 +158,15 @@ class ServerContext:
         return prices.cost(self.config.served_model_name, hit_tokens, miss_tokens, output_tokens,
                            datetime.now(timezone.utc))
 
-    def account(self, progress: list, reasons: list[str], counts: UsageCounts | None) -> CostBreakdown | None:
+    def account(self, progress: list, reasons: list[str], counts: UsageCounts | None,
+                api: str = "chat_completions") -> CostBreakdown | None:
         """Bill `counts` (None: nothing billable, e.g. the client left) and record one metrics
-        sample per engine request; the cost goes with the last one so it is counted once."""
+        sample per engine request; the cost goes with the last one so it is counted once. `api`
+        counts the request and its cost by API."""
         cost = None if counts is None else self.bill(
             counts.cache_hit_tokens, counts.cache_miss_tokens, counts.completion_tokens)
         if self.metrics is not None:
+            self.metrics.observe_api_request(api, cost)
             for i, (choice_progress, reason) in enumerate(zip(progress, reasons)):
                 timings = choice_progress.timings(reason)
                 if timings is not None:

@@ -18,6 +18,7 @@ EXPECTED = {
     "prefix_cache_misses": "counter", "prompt_tokens": "counter", "generation_tokens": "counter",
     "num_preemptions": "counter", "request_success": "counter", "tokens": "counter", "cost_usd": "counter",
     "tool_parse_errors": "counter", "time_to_first_token_seconds": "histogram",
+    "api_requests": "counter", "api_cost_usd": "counter",
     "inter_token_latency_seconds": "histogram", "request_time_per_output_token_seconds": "histogram",
     "e2e_request_latency_seconds": "histogram", "request_queue_time_seconds": "histogram",
     "request_prefill_time_seconds": "histogram", "request_decode_time_seconds": "histogram",

@@ -79,6 +79,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched_out, requests: dict) -> dict[str, SampleResult]:
+        _prepare_logits_processors(sched_out.chunks, requests)
         logits = self.forward(sched_out.chunks, sched_out.copies_before, sched_out.copies_after)
         sampling = [ch for ch in sched_out.chunks if ch.sample]
         if not sampling:
@@ -109,3 +110,16 @@ class ModelRunner:
     def release(self, request_id: str) -> None:
         """Forget per-request state (the seeded generator) once a request is finished."""
         self._generators.pop(request_id, None)
+
+
+def _prepare_logits_processors(chunks, requests: dict) -> None:
+    """Let processors with a `prepare(output_token_ids)` start their work (a grammar mask) now,
+    so that it runs beside the forward instead of after it."""
+    for ch in chunks:
+        if not ch.sample:
+            continue
+        request = requests[ch.request_id]
+        for proc in request.sampling_params.logits_processors:
+            prepare = getattr(proc, "prepare", None)
+            if prepare is not None:
+                prepare(request.output_token_ids)

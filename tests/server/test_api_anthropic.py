@@ -198,3 +198,27 @@ def test_errors_in_anthropic_shape(client, demo_server):
     missing = httpx.post(demo_server.base_url + "/v1/messages", headers={"x-api-key": DEMO_API_KEY},
                          json={"model": "deepseek-v4-flash", "messages": []}, timeout=30)
     assert missing.status_code == 422 and missing.json()["error"]["type"] == "invalid_request_error"
+
+
+def _api_samples(base_url: str) -> dict:
+    """{(metric, api): value} of the per-API series on /metrics."""
+    samples = {}
+    for line in httpx.get(base_url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(("dsv4:api_requests_total{", "dsv4:api_cost_usd_total{")):
+            name, _, value = line.rpartition(" ")
+            api = name.split('api="')[1].split('"')[0]
+            samples[(name.split("{")[0], api)] = float(value)
+    return samples
+
+
+def test_metrics_count_requests_and_cost_by_api(client, demo_server):
+    before = _api_samples(demo_server.base_url)
+    assert {api for _, api in before} == {"chat_completions", "completions", "anthropic_messages", "responses"}
+    client.messages.create(model="claude-sonnet-4-5", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
+    httpx.post(demo_server.base_url + "/v1/responses", headers={"authorization": f"Bearer {DEMO_API_KEY}"},
+               json={"model": "deepseek-v4-flash", "input": "hi", "max_output_tokens": 3}, timeout=120)
+    after = _api_samples(demo_server.base_url)
+    for api in ("anthropic_messages", "responses"):
+        assert after[("dsv4:api_requests_total", api)] == before[("dsv4:api_requests_total", api)] + 1
+        assert after[("dsv4:api_cost_usd_total", api)] > before[("dsv4:api_cost_usd_total", api)]
+    assert after[("dsv4:api_requests_total", "completions")] == before[("dsv4:api_requests_total", "completions")]

@@ -13,7 +13,7 @@ from server.chat import ChatChoice, ChunkFormat, tool_call_problems
 from server.chat_template import (
     EOS, INVOKE_CLOSE, INVOKE_OPEN, PARAMETER_CLOSE, PARAMETER_OPEN, THINK_END, TOOL_CALLS_CLOSE, TOOL_CALLS_OPEN,
 )
-from server.json_constraint import TokenTable
+from server.token_table import TokenTable
 from server.parsers import Delta, OutputParser
 
 TOOLS = [{"type": "function", "function": {

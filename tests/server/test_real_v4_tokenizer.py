@@ -19,7 +19,8 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.tokenizer import Tokenizer
 from server.chat import api_messages
 from server.chat_template import ends_inside_reasoning, render_messages
-from server.json_constraint import INITIAL_STATE, JsonObjectProcessor, JsonVocabIndex, TokenTable, advance_bytes
+from server.grammar import GrammarLibrary, GrammarProcessor
+from server.token_table import TokenTable
 from server.parsers import OutputParser
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "dsv4_encoding"
@@ -145,22 +146,20 @@ def test_forged_control_tokens_in_client_text_stay_plain_text(tok):
 
 
 @pytest.fixture(scope="module")
-def real_index(tok):
-    return JsonVocabIndex(TokenTable(tok))
+def real_table(tok):
+    return TokenTable(tok)
 
 
-def test_json_mode_forbids_non_special_control_tokens(tok, real_index):
-    table = real_index.table
+def test_json_mode_forbids_non_special_control_tokens(tok, real_table):
     for token in CHAT_CONTROLS:
-        assert table.is_control[V4_IDS[token]], token
-    in_string = advance_bytes(INITIAL_STATE, b'{"key": "val')
-    allowed = set(real_index.allowed_ids(in_string))
-    assert allowed and not allowed & tok.control_ids
+        assert real_table.is_control[V4_IDS[token]], token
     # A model that badly wants to write `｜DSML｜` (or `</think>`) inside the string cannot.
-    processor = JsonObjectProcessor(real_index)
+    processor = GrammarProcessor(GrammarLibrary(real_table, tok.control_ids).json_object())
     prefix = tok.encode('{"key": "val')
     logits = torch.zeros(tok.vocab_size)
     logits[V4_IDS["｜DSML｜"]] = logits[V4_IDS["</think>"]] = 50.0
     masked = processor(prefix, logits)
+    allowed = set(torch.isfinite(masked).nonzero().flatten().tolist())
+    assert allowed and not allowed & tok.control_ids
     assert int(masked.argmax()) not in tok.control_ids
     assert masked[V4_IDS["｜DSML｜"]] == float("-inf") and masked[V4_IDS["</think>"]] == float("-inf")
