@@ -1,8 +1,8 @@
 """Which grammar a chat request gets (structured outputs and strict tools), as policy.
 
 - `response_format`: `text` (none), `json_object` (any JSON object), `json_schema`
-  (`{"json_schema": {"name", "schema", "strict"}}`: the content must match `schema`, whatever
-  `strict` says — the OpenAI SDK's `parse` sends strict true).
+  (`{"json_schema": {"name", "schema", "strict"}}`, `name` required: the content must match
+  `schema` (absent: any object), whatever `strict` says — the OpenAI SDK's `parse` sends true).
 - Tools: when any offered function has `strict: true`, or `tool_choice` is `required` or
   names a function, the DSML block is constrained to the offered names and every function's
   argument schema (a non-strict function offered beside a strict one is held to its schema
@@ -32,6 +32,8 @@ def response_format_kind(response_format: dict | None) -> str:
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
             raise invalid_request("response_format.json_schema must be an object with a JSON Schema `schema`",
                                   "response_format.json_schema")
+        if not isinstance(spec.get("name"), str) or not spec["name"]:  # required by OpenAI's API too
+            raise invalid_request("response_format.json_schema.name is required", "response_format.json_schema.name")
     return kind
 
 
