@@ -29,7 +29,7 @@ from server.errors import invalid_request
 from server.logit_bias import LogitBias, check_logit_bias
 from server.protocol import (
     DEFAULT_MAX_TOKENS_FIM, MAX_TOP_LOGPROBS, CompletionRequest, cache_salt, check_n, check_sampling,
-    check_stream_options, resolve_max_tokens,
+    check_stream_options, resolve_max_tokens, wire_logprob,
 )
 from server.runs import Choice, Run, RunPlan
 from server.serve_config import ServerContext
@@ -107,8 +107,8 @@ class CompletionChoice(Choice):
                     continue  # not part of `text`
                 text = table.token_text(entry.token_id)
                 new_logprobs["tokens"].append(text)
-                new_logprobs["token_logprobs"].append(entry.logprob)
-                new_logprobs["top_logprobs"].append({table.token_text(t): lp for t, lp in entry.top})
+                new_logprobs["token_logprobs"].append(wire_logprob(entry.logprob))
+                new_logprobs["top_logprobs"].append({table.token_text(t): wire_logprob(lp) for t, lp in entry.top})
                 new_logprobs["text_offset"].append(offset)
                 offset += len(text)
             for key, values in new_logprobs.items():

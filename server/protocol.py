@@ -236,10 +236,19 @@ class UsageCounts:
         }
 
 
+MIN_LOGPROB = -9999.0  # OpenAI's value for a token that cannot be sampled
+
+
+def wire_logprob(logprob: float) -> float:
+    """A logprob JSON can carry: a masked token's -inf (JSON mode, logit_bias) becomes
+    MIN_LOGPROB; JSON has no infinities and a strict encoder refuses them."""
+    return logprob if logprob >= MIN_LOGPROB else MIN_LOGPROB  # NaN compares false: floored too
+
+
 def logprob_entry(table, token_id: int, logprob: float, top: list[tuple[int, float]], num_top: int) -> dict:
     """One OpenAI chat logprobs item: token text, logprob, UTF-8 bytes and the top alternatives."""
     def item(tid: int, lp: float) -> dict:
         data = table.token_bytes[tid] if 0 <= tid < table.vocab_size else b""
-        return {"token": data.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(data)}
+        return {"token": data.decode("utf-8", errors="replace"), "logprob": wire_logprob(lp), "bytes": list(data)}
 
     return {**item(token_id, logprob), "top_logprobs": [item(t, lp) for t, lp in top[:num_top]]}

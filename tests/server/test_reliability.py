@@ -383,3 +383,22 @@ def test_limit_flags_reach_the_config_and_keyless_remote_binds_are_refused(monke
     assert build_configs(parser.parse_args(["serve", "--host", "0.0.0.0"]))[1].api_keys == ("k-env",)
     with pytest.raises(ValueError, match="max-messages"):
         build_configs(parser.parse_args(["serve", "--max-messages", "0"]))
+
+
+def test_masked_tokens_in_logprobs_are_finite_not_a_500(live):
+    """Found by bench/fuzz.py: JSON mode masks tokens to -inf, which the top alternatives then
+    carried; the JSON encoder refused it (500) or streams sent `-Infinity` (invalid JSON)."""
+    body = _chat(max_tokens=8, response_format={"type": "json_object"}, logprobs=True, top_logprobs=20,
+                 messages=[{"role": "user", "content": "reply in json"}])
+    for stream in (False, True):
+        resp = _post(live, {**body, "stream": stream})
+        assert resp.status_code == 200, resp.text
+        assert "Infinity" not in resp.text and "NaN" not in resp.text
+    resp = _post(live, {"model": "deepseek-chat", "prompt": "a", "max_tokens": 4, "logprobs": 20, "temperature": 0,
+                        "logit_bias": {"5": -100}}, path="/v1/completions")
+    assert resp.status_code == 200 and "Infinity" not in resp.text
+    resp = _post(live, _chat(max_tokens=4, temperature=0, logprobs=True, top_logprobs=20,
+                             logit_bias={str(i): -100 for i in range(300)}))
+    assert resp.status_code == 200 and "Infinity" not in resp.text
+    entries = resp.json()["choices"][0]["logprobs"]["content"]
+    assert all(top["logprob"] >= -9999.0 for e in entries for top in e["top_logprobs"])
