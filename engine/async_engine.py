@@ -233,8 +233,7 @@ class AsyncEngine:
             if not core.has_unfinished() or now - self._stats_time >= 0.25:
                 self._stats, self._stats_time = core.stats(), now
             self._publish_step(core.last_step_stats)  # first, so metrics already count what clients get
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_step(outputs)
 
     def _publish_step(self, stats: StepStats) -> None:
         for listener in self._step_listeners:
@@ -282,6 +281,21 @@ class AsyncEngine:
             except RuntimeError:  # the client's loop is closed
                 pass
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs: one wake-up per event loop per step (not one per output)."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for out in outputs:
+                rid = out.request_id
+                target = self._streams.pop(rid, None) if out.finished else self._streams.get(rid)
+                if target is not None:
+                    batches.setdefault(target[0], []).append((target[1], out))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_run_sinks, items)
+            except RuntimeError:  # the client's loop is closed
+                pass
+
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
             targets = list(self._streams.items())
@@ -302,3 +316,11 @@ def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result, er
         loop.call_soon_threadsafe(settle)
     except RuntimeError:  # the caller's loop is closed
         pass
+
+
+def _run_sinks(items: list) -> None:
+    for sink, item in items:
+        try:
+            sink(item)
+        except Exception:  # one consumer's bug must not starve the others of this step
+            log.exception("output sink failed")
