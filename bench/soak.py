@@ -117,11 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-seconds", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-out", default=None, help="write every sample here as JSON")
+    parser.add_argument("--server-args", default="", help="extra `dsv4 serve` flags (e.g. --no-prefix-cache)")
     args = parser.parse_args(argv)
 
     log_path = "/tmp/dsv4-soak.log"
     proc, base = start_server(log_path, ["--max-num-seqs", str(args.max_num_seqs), "--max-queue", "4096",
-                                         "--max-model-len", "4096"])
+                                         "--max-model-len", "4096", *args.server_args.split()])
     outcomes: Counter = Counter()
     samples: list[dict] = []
     seconds = args.minutes * 60
