@@ -307,19 +307,18 @@ def test_serve_logs_stats_and_drains_on_sigterm(tiny_dir):
         while len(chunks) < 3 and worker.is_alive():
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
-        # Stop accepting: new connections are refused while the running stream drains.
-        refused_at = time.monotonic() + 5
-        while True:
+        # Draining: /health says 503 (never an error page) while the running stream finishes; once
+        # drained the listener closes, so a probe may also meet a closed or closing connection.
+        while worker.is_alive():
             try:
-                httpx.get(base + "/health", timeout=1)
-            except httpx.ConnectError:
+                status = httpx.get(base + "/health", timeout=1).status_code
+            except httpx.TransportError:
                 break
-            assert time.monotonic() < refused_at, "still accepting connections after SIGTERM"
+            assert status in (200, 503), status  # 200 only before the signal handler has run
             time.sleep(0.05)
         worker.join(60)
         assert result["usage"]["completion_tokens"] == 60  # drained to the end, not cut off
-        # uvicorn re-raises the signal once its shutdown is complete, so the status says SIGTERM.
-        assert proc.wait(60) in (0, -signal.SIGTERM)
+        assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
