@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.core.block_pool import BlockPool
-from engine.core.cache_layout import CacheLayout, CachePool
+from engine.core.cache_layout import CSA_RATIO, HCA_RATIO, CacheLayout, CachePool
 from engine.core.checkpoint_store import CheckpointStore, StoredCheckpoint, TierEvent
 from engine.core.prefix_cache import (Checkpoint, CheckpointKey, HashChain, MissReason, OffloadedCheckpoint,
                                       PrefixCache)
@@ -174,6 +174,15 @@ class KVCacheManager:
             self.pools[pool] = BlockPool(pool.value, count)
         self.prefix_cache = PrefixCache(hash_page, enabled=enable_prefix_cache)
         self._tables: dict[str, BlockTable] = {}
+        # Per pool: how many live tables hold each unit, and how many units at least one does.
+        # Kept as tables gain and lose units so `usage` (read every step) is O(pools), not
+        # O(blocks held).
+        self._live_refs: dict[CachePool, list[int]] = {pool: [0] * p.num_blocks for pool, p in self.pools.items()}
+        self._num_live: dict[CachePool, int] = dict.fromkeys(CachePool, 0)
+        # Block-pool geometry as plain ints for ensure_capacity's per-step fast path: tokens
+        # per block (0 = the model has no layer of that kind, so the pool never grows).
+        self._c4_block_tokens = layout.c4_block_tokens if layout.csa_layers else 0
+        self._c128_block_tokens = layout.c128_block_tokens if layout.hca_layers else 0
         self._chains: dict[str, HashChain] = {}
         self._num_registered: dict[str, dict[CachePool, int]] = {}  # full blocks hashed so far
         # Chains of prompts whose admission failed: the head of the queue retries every step.
@@ -276,9 +285,17 @@ class KVCacheManager:
 
     def block_table(self, request_id: str) -> BlockTable:
         """A copy of a live request's table (the runner keeps its own mirror)."""
-        if request_id not in self._tables:
+        return self.live_table(request_id).copy()
+
+    def live_table(self, request_id: str) -> BlockTable:
+        """The request's table itself, not a copy: O(1) per step where a copy is O(blocks).
+        Its block lists only grow while the request stays admitted (`ensure_capacity`
+        appends); a freed, preempted or readmitted request gets a new table object. Readers
+        must not modify it."""
+        table = self._tables.get(request_id)
+        if table is None:
             raise ValueError(f"request_id {request_id!r} holds no cache")
-        return self._tables[request_id].copy()
+        return table
 
     # ---- admission ------------------------------------------------------------------------
 
@@ -364,6 +381,7 @@ class KVCacheManager:
                   num_hit: int, reason: MissReason | None, tier: str) -> AdmitResult:
         request.num_computed_tokens = num_hit
         self._tables[request.request_id] = table
+        self._count_live(table.units(), 1)
         if chain is None:
             misses = {MissReason.DISABLED: request.num_tokens}
         else:
@@ -390,15 +408,28 @@ class KVCacheManager:
         """Give the request blocks for every compressed entry completed by its next
         `num_new_tokens` tokens ((start+n)//4 c4 entries, (start+n)//128 c128 entries).
         Evicts checkpoints if needed; returns False, allocating nothing, if still short."""
-        if not isinstance(num_new_tokens, int) or num_new_tokens < 0:
-            raise ValueError(f"num_new_tokens must be a non-negative int, got {num_new_tokens!r}")
-        table = self._table(request)
-        split = self.layout.block_split(request.num_computed_tokens + num_new_tokens)
-        needs = {pool: split[pool].num_blocks - len(table.blocks(pool)) for pool in BLOCK_POOLS}
+        if num_new_tokens.__class__ is not int or num_new_tokens < 0:
+            if not isinstance(num_new_tokens, int) or isinstance(num_new_tokens, bool) or num_new_tokens < 0:
+                raise ValueError(f"num_new_tokens must be a non-negative int, got {num_new_tokens!r}")
+        table = self._tables.get(request.request_id)
+        if table is None:
+            raise ValueError(f"request {request.request_id!r} is not admitted")
+        # Fast path, O(1): a block of T tokens holds T // ratio entries, so the entries of
+        # n tokens fill ceil(n // ratio / (T // ratio)) = ceil((n - n % ratio) / T) blocks;
+        # most steps cross no block boundary and touch no pool.
+        end = request.num_computed_tokens + num_new_tokens
+        c4_tokens, c128_tokens = self._c4_block_tokens, self._c128_block_tokens
+        c4_need = -(-(end - end % CSA_RATIO) // c4_tokens) - len(table.c4_blocks) if c4_tokens else 0
+        c128_need = -(-(end - end % HCA_RATIO) // c128_tokens) - len(table.c128_blocks) if c128_tokens else 0
+        if c4_need <= 0 and c128_need <= 0:
+            return True
+        needs = {CachePool.C4: max(0, c4_need), CachePool.C128: max(0, c128_need)}
         if not self._make_room(needs):
             return False
         for pool, num_missing in needs.items():
-            table.blocks(pool).extend(self.pools[pool].allocate() for _ in range(num_missing))
+            new = [self.pools[pool].allocate() for _ in range(num_missing)]
+            table.blocks(pool).extend(new)
+            self._count_live([(pool, block) for block in new], 1)
         return True
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -461,9 +492,14 @@ class KVCacheManager:
         if not self.enable_prefix_cache or request_id not in self._tables:
             return
         table = self._tables[request_id]
-        chain = self._chain_upto(request, request.num_computed_tokens)
-        split = self.layout.block_split(request.num_computed_tokens)
         done = self._num_registered[request_id]
+        # Fast path, O(1): no block became full since the last call (most decode steps).
+        computed = request.num_computed_tokens
+        if (not self._c4_block_tokens or computed // self._c4_block_tokens <= done[CachePool.C4]) and (
+                not self._c128_block_tokens or computed // self._c128_block_tokens <= done[CachePool.C128]):
+            return
+        chain = self._chain_upto(request, computed)
+        split = self.layout.block_split(computed)
         for pool in BLOCK_POOLS:
             num_full = split[pool].num_full
             for index in range(done[pool], num_full):
@@ -577,13 +613,10 @@ class KVCacheManager:
         return dict(self.load_failures)
 
     def usage(self) -> CacheUsage:
-        live: dict[CachePool, set[int]] = {pool: set() for pool in CachePool}
-        for table in self._tables.values():
-            for pool, unit in table.units():
-                live[pool].add(unit)
+        """O(pools): the live counts are kept as tables change (`_count_live`)."""
         pools, used_bytes, live_bytes, total_bytes, checkpoint_bytes = {}, 0, 0, 0, {}
         for kind, pool in self.pools.items():
-            num_live = len(live[kind])
+            num_live = self._num_live[kind]
             pools[kind.value] = PoolUsage(pool.num_blocks, num_live, pool.num_used - num_live, pool.num_free)
             unit = self.layout.unit_bytes(kind)
             checkpoint_bytes[kind.value] = (pool.num_used - num_live) * unit
@@ -606,8 +639,15 @@ class KVCacheManager:
         for units in holders:
             for pool, unit in units:
                 expected[pool][unit] += 1
+        live: dict[CachePool, Counter] = {pool: Counter() for pool in CachePool}
+        for table in self._tables.values():
+            for pool, unit in table.units():
+                live[pool][unit] += 1
         for kind, pool in self.pools.items():
             pool.check_integrity()
+            if self._num_live[kind] != len(live[kind]) or any(
+                    self._live_refs[kind][u] != live[kind][u] for u in range(pool.num_blocks)):
+                raise AssertionError(f"pool {kind.value!r}: live-unit counts out of step with the tables")
             for unit in range(pool.num_blocks):
                 if pool.ref_count(unit) != expected[kind][unit]:
                     raise AssertionError(
@@ -632,12 +672,23 @@ class KVCacheManager:
         return table
 
     def _forget(self, request_id: str) -> None:
-        self._tables.pop(request_id, None)
+        table = self._tables.pop(request_id, None)
+        if table is not None:
+            self._count_live(table.units(), -1)
         self._chains.pop(request_id, None)
         self._num_registered.pop(request_id, None)
         self._parked_chains.pop(request_id, None)
         self._loading.pop(request_id, None)
         self._imports.pop(request_id, None)
+
+    def _count_live(self, units: list[tuple[CachePool, int]], delta: int) -> None:
+        """A live table gained (+1) or lost (-1) these units."""
+        for pool, unit in units:
+            refs = self._live_refs[pool]
+            before = refs[unit]
+            refs[unit] = before + delta
+            if before == 0 or before + delta == 0:
+                self._num_live[pool] += delta
 
     def _release(self, units: list[tuple[CachePool, int]]) -> None:
         for pool, unit in units:

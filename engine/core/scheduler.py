@@ -183,19 +183,20 @@ class Scheduler:
         if not plan.preempted_ids:  # memory is short; admitting more would only thrash
             self._schedule_waiting(plan)
         copies_after: list[CacheCopy] = []
-        for chunk in plan.chunks.values():
-            request = self.requests[chunk.request_id]
-            end = chunk.start_pos + chunk.num_tokens
-            if self._is_unit_end(request, end):
-                copies_after += self.kv.checkpoint(request, end)
+        if self.kv.enable_prefix_cache:
+            for chunk in plan.chunks.values():
+                request = self.requests[chunk.request_id]
+                end = chunk.start_pos + len(chunk.token_ids)
+                if self._is_unit_end(request, end):
+                    copies_after += self.kv.checkpoint(request, end)
         chunks = list(plan.chunks.values())
-        self._in_flight = {chunk.request_id for chunk in chunks}
+        self._in_flight = set(plan.chunks)
         return SchedulerOutput(
             chunks=chunks,
             copies_before=plan.copies_before,
             copies_after=copies_after,
             preempted_ids=plan.preempted_ids,
-            num_batched_tokens=sum(chunk.num_tokens for chunk in chunks),
+            num_batched_tokens=self.config.max_num_batched_tokens - plan.budget,
         )
 
     def update(self, scheduler_output: SchedulerOutput, sampled: dict[str, int]) -> list[RequestDelta]:
@@ -203,22 +204,28 @@ class Scheduler:
         sampled token of every sampling chunk, apply stop rules. Returns the deltas (also for
         requests that `schedule` finished with an error)."""
         done = []
+        requests, running = self.requests, RequestStatus.RUNNING
+        if not isinstance(sampled, dict):
+            sampled = {}
         for chunk in scheduler_output.chunks:
-            request = self.requests.get(chunk.request_id)
+            request = requests.get(chunk.request_id)
             # Skip requests aborted or finished after schedule(), and stale outputs.
-            if request is None or request.status is not RequestStatus.RUNNING:
+            if request is None or request.status is not running:
                 continue
             if request.num_computed_tokens != chunk.start_pos:
                 continue
             if chunk.sample:
-                token = sampled.get(chunk.request_id) if isinstance(sampled, dict) else None
-                if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                token = sampled.get(chunk.request_id)
+                if token.__class__ is not int and (not isinstance(token, int) or isinstance(token, bool)) \
+                        or token < 0:
                     raise ValueError(f"sampled must map {chunk.request_id!r} to a token id, got {token!r}")
             done.append((request, chunk))
 
+        mark_computed = self.kv.mark_computed if self.kv.enable_prefix_cache else None
         for request, chunk in done:
-            request.num_computed_tokens += chunk.num_tokens
-            self.kv.mark_computed(request)
+            request.num_computed_tokens += len(chunk.token_ids)
+            if mark_computed is not None:
+                mark_computed(request)
         self.kv.commit_checkpoints()  # before finishing, so end-of-output keys dedupe
         self._in_flight.clear()
 
@@ -242,12 +249,25 @@ class Scheduler:
     # ---- scheduling internals -----------------------------------------------------------------
 
     def _schedule_running(self, plan: _StepPlan) -> None:
-        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
-        for request in decodes + prefills:
+        decodes, prefills = [], []
+        for r in self.running:
+            ahead = len(r.prompt_token_ids) + len(r.output_token_ids) - r.num_computed_tokens
+            if ahead == 1:
+                decodes.append(r)
+            elif ahead > 1:
+                prefills.append(r)
+        running = RequestStatus.RUNNING
+        for request in decodes:  # one token each: no chunking rule can shorten it
             if plan.budget == 0:
-                break
-            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this step
+                return
+            if request.status is not running:  # preempted earlier in this step
+                continue
+            if self._reserve(request, 1, plan):
+                self._add_decode(request, plan)
+        for request in prefills:
+            if plan.budget == 0:
+                return
+            if request.status is not running:
                 continue
             num_tokens = self._chunk_len(request, plan.budget)
             if self._reserve(request, num_tokens, plan):
@@ -345,17 +365,19 @@ class Scheduler:
         if self.kv.enable_prefix_cache:
             unit = self.kv.unit_interval
             boundary = (start // unit + 1) * unit
-            for end in self._prompt_units(request):
-                if end > start:
-                    boundary = min(boundary, end)
-                    break
+            if start < request.num_prompt_tokens - 1:  # prompt units all lie before the prompt's end
+                for end in self._prompt_units(request):
+                    if end > start:
+                        boundary = min(boundary, end)
+                        break
             num_tokens = min(num_tokens, boundary - start)
         return num_tokens
 
     def _is_unit_end(self, request: Request, end: int) -> bool:
         if not self.kv.enable_prefix_cache:
             return False
-        return end % self.kv.unit_interval == 0 or end in self._prompt_units(request)
+        return end % self.kv.unit_interval == 0 or (
+            end < request.num_prompt_tokens and end in self._prompt_units(request))
 
     @staticmethod
     def _prompt_units(request: Request) -> tuple[int, ...]:
@@ -374,9 +396,18 @@ class Scheduler:
             token_ids=request.token_ids_slice(start, end),
             start_pos=start,
             sample=end == request.num_tokens,
-            block_table=self.kv.block_table(request.request_id),
+            # The live table, not a copy (O(1) per step): the runner reads it before the next schedule.
+            block_table=self.kv.live_table(request.request_id),
         )
         plan.budget -= num_tokens
+
+    def _add_decode(self, request: Request, plan: _StepPlan) -> None:
+        """`_add_chunk` of the one token a running decode feeds: its last known token."""
+        request_id = request.request_id
+        token = (request.output_token_ids or request.prompt_token_ids)[-1]
+        plan.chunks[request_id] = ScheduledChunk(request_id, [token], request.num_computed_tokens, True,
+                                                 self.kv.live_table(request_id))
+        plan.budget -= 1
 
     # ---- finishing ------------------------------------------------------------------------------
 

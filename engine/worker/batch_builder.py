@@ -60,6 +60,7 @@ class _TableRow:
     row: int
     c4: list[int]  # the blocks the row holds (host mirror)
     c128: list[int]
+    table: object = None  # the scheduler's table object the row was last written from
 
 
 class BlockTables:
@@ -91,11 +92,18 @@ class BlockTables:
         entry = self._rows.get(key)
         if entry is None:
             entry = self._rows[key] = _TableRow(self._take_row(in_step), [], [])
+        # The scheduler hands its live table objects (KVCacheManager.live_table), whose lists only
+        # grow while the request runs: the same object again means "only appended", so a step costs
+        # O(new blocks), not O(blocks). Another object (a readmitted request, a copy sent to a
+        # tensor-parallel worker) is compared by content.
+        same = entry.table is bt
+        entry.table = bt
         for ratio, known, blocks in ((CSA_RATIO, entry.c4, bt.c4_blocks), (HCA_RATIO, entry.c128, bt.c128_blocks)):
-            if len(blocks) == len(known) and blocks == known:
+            n = len(known)
+            if len(blocks) == n and (same or blocks == known):
                 continue
             # Tables only grow while a request runs; anything else (a readmitted request) is rewritten.
-            start = len(known) if blocks[:len(known)] == known else 0
+            start = n if same or blocks[:n] == known else 0
             if start == 0 and known:
                 self._write(entry.row, ratio, 0, [NO_SLOT] * len(known))
             self._write(entry.row, ratio, start, blocks[start:])
@@ -146,23 +154,32 @@ class BatchBuilder:
         """The batch of ``chunks``. When ``captured`` (a graph or compiled path replays the
         shape) a pure-decode step is padded to its bucket, its context bound rounded up, and
         every row gets logits (the caller keeps the sampling chunks' rows)."""
-        in_step = {ch.block_table.window_slot for ch in chunks}
+        bts = [ch.block_table for ch in chunks]
+        in_step = {bt.window_slot for bt in bts}
         rows = self.block_tables.rows_for(chunks, in_step)
         decode = all(len(ch.token_ids) == 1 for ch in chunks)
         B = len(chunks)
         Bp = decode_bucket(B) if decode and captured else B  # eager steps gain nothing from padding
         pad = Bp - B
-        starts = [ch.start_pos for ch in chunks] + [0] * pad
-        ends = [ch.start_pos + len(ch.token_ids) for ch in chunks] + [1] * pad
-        ids, positions, seq_ids, cu, logits_rows = [], [], [], [0], []
-        for b, ch in enumerate(chunks):
-            n = len(ch.token_ids)
-            ids += ch.token_ids
-            positions += range(ch.start_pos, ch.start_pos + n)
-            seq_ids += [b] * n
-            cu.append(len(ids))
-            if ch.sample:
-                logits_rows.append(len(ids) - 1)
+        starts = [ch.start_pos for ch in chunks]
+        if decode:  # one token per sequence: row b is sequence b (no per-token loop)
+            ids = [ch.token_ids[0] for ch in chunks]
+            ends = [s + 1 for s in starts]
+            positions, seq_ids, cu = list(starts), list(range(B)), list(range(B + 1))
+            logits_rows = [b for b, ch in enumerate(chunks) if ch.sample]
+        else:
+            ends = [ch.start_pos + len(ch.token_ids) for ch in chunks]
+            ids, positions, seq_ids, cu, logits_rows = [], [], [], [0], []
+            for b, ch in enumerate(chunks):
+                n = len(ch.token_ids)
+                ids += ch.token_ids
+                positions += range(ch.start_pos, ch.start_pos + n)
+                seq_ids += [b] * n
+                cu.append(len(ids))
+                if ch.sample:
+                    logits_rows.append(len(ids) - 1)
+        starts += [0] * pad
+        ends += [1] * pad
         for b in range(B, Bp):
             ids.append(0)
             positions.append(0)
@@ -186,9 +203,9 @@ class BatchBuilder:
             cu_seqlens=put["cu_seqlens"](cu),
             start_pos=start_pos,
             end_pos=end_pos,
-            window_slots=put["window_slots"]([ch.block_table.window_slot for ch in chunks] + [NO_SLOT] * pad),
-            state_slots=put["state_slots"]([NO_SLOT if ch.block_table.state_slot is None else ch.block_table.state_slot
-                                            for ch in chunks] + [NO_SLOT] * pad),
+            window_slots=put["window_slots"]([bt.window_slot for bt in bts] + [NO_SLOT] * pad),
+            state_slots=put["state_slots"]([NO_SLOT if bt.state_slot is None else bt.state_slot
+                                            for bt in bts] + [NO_SLOT] * pad),
             c4_tables=tables[CSA_RATIO],
             c128_tables=tables[HCA_RATIO],
             logits_rows=put["logits_rows"](logits_rows),

@@ -50,10 +50,15 @@ class CompressPlan:
            ratio: int) -> "CompressPlan":
         """From the host-side bounds (which fix the entry count) and their device copies."""
         dev = start_pos.device
-        counts = _long([(e - 1) // ratio - s // ratio + 1 for s, e in zip(starts, ends)], dev)
-        total = sum((e - 1) // ratio - s // ratio + 1 for s, e in zip(starts, ends))
-        seq = torch.repeat_interleave(torch.arange(len(starts), device=dev), counts, output_size=total)
-        window = start_pos[seq] // ratio + torch.arange(total, device=dev) - (counts.cumsum(0) - counts)[seq]
+        counts = [(e - 1) // ratio - s // ratio + 1 for s, e in zip(starts, ends)]
+        total = sum(counts)
+        if total == len(starts) and min(counts, default=1) == 1:  # one window each (decode steps): no repeat
+            seq = torch.arange(total, device=dev)
+            window = start_pos // ratio
+            return cls(seq, window, (window + 1) * ratio <= end_pos)
+        counts_t = _long(counts, dev)
+        seq = torch.repeat_interleave(torch.arange(len(starts), device=dev), counts_t, output_size=total)
+        window = start_pos[seq] // ratio + torch.arange(total, device=dev) - (counts_t.cumsum(0) - counts_t)[seq]
         return cls(seq, window, (window + 1) * ratio <= end_pos[seq])
 
 

@@ -88,16 +88,11 @@ class ModelRunner:
         for i, (ch, p) in enumerate(zip(sampling, params)):
             for proc in p.logits_processors:
                 logits[i] = proc(requests[ch.request_id].output_token_ids, logits[i])
-        gens = [self._generator(ch.request_id, p) for ch, p in zip(sampling, params)]
+        gens = [None if p.seed is None or p.greedy else self._generator(ch.request_id, p)
+                for ch, p in zip(sampling, params)]
         out = self.sampler.sample(logits, params, gens)
-        results = {}
-        for i, ch in enumerate(sampling):
-            results[ch.request_id] = SampleResult(
-                out.token_ids[i],
-                out.logprobs[i] if out.logprobs else None,
-                out.top_logprobs[i] if out.top_logprobs else None,
-            )
-        return results
+        return {ch.request_id: SampleResult(token, logprob, top)
+                for ch, token, logprob, top in zip(sampling, out.token_ids, out.logprobs, out.top_logprobs)}
 
     def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
         if params.seed is None or params.greedy:

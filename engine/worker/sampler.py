@@ -70,9 +70,12 @@ class Sampler:
         if len(generators) != num_rows:
             raise ValueError(f"generators has {len(generators)} entries for {num_rows} logits rows")
         logits = logits.float()
-        token_ids = torch.empty(num_rows, dtype=torch.long, device=logits.device)
-
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+        if len(greedy_rows) == num_rows:  # all greedy: one argmax, no row gather
+            token_ids = logits.argmax(dim=-1)
+            logprobs, top_logprobs = _gather_logprobs(logits, token_ids, params)
+            return SamplerOutput(token_ids.tolist(), logprobs, top_logprobs)
+        token_ids = torch.empty(num_rows, dtype=torch.long, device=logits.device)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if greedy_rows:
             idx = torch.tensor(greedy_rows, device=logits.device)
