@@ -112,3 +112,23 @@ def test_missing_files_are_readable(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ModelConfig.from_dir(str(tmp_path))
+
+
+def test_expected_names_come_from_the_module_tree():
+    """The loader's expected names are derived from the model (no second list): they equal the
+    independent writer's official names for sliding/CSA/HCA and hash/score layers, a module added
+    to the tree shows up under its path, and a sub-module can be named under a checkpoint prefix."""
+    from engine.model.layers import Linear, RMSNorm
+    from engine.model.loader import expected_tensors
+    from engine.tiny.make_tiny import random_official_tensors, tiny_config
+
+    cfg = tiny_config(1024, num_layers=5, compress_ratios=(0, 4, 128, 4, 128))
+    model = DeepseekV4(cfg)
+    assert set(expected_tensors(model)) == set(random_official_tensors(cfg, 0))
+    extra = torch.nn.Module()
+    extra.enorm, extra.e_proj = RMSNorm(8, 1e-6), Linear(8, 4, torch.float32)
+    model.mtp = torch.nn.ModuleList([extra])
+    names = set(expected_tensors(model))
+    assert {"mtp.0.enorm.weight", "mtp.0.e_proj.weight"} <= names
+    assert set(expected_tensors(model.layers[2], prefix="layers.2.")) == {
+        n for n in random_official_tensors(cfg, 0) if n.startswith("layers.2.")}

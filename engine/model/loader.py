@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from engine.model.deepseek_v4 import DeepseekV4
 from engine.model.layers import Linear
@@ -139,52 +140,48 @@ def _param_setter(param: torch.Tensor) -> Callable[[torch.Tensor], None]:
     return set_
 
 
-def expected_tensors(model: DeepseekV4) -> dict[str, Target]:
-    """Every official tensor name the model needs, mapped to where it goes."""
-    t: dict[str, Target] = {
-        "embed.weight": Target(setter=_param_setter(model.embed)),
-        "head.weight": Target(setter=_param_setter(model.head)),
-        "norm.weight": Target(setter=_param_setter(model.norm.weight)),
-        "hc_head_fn": Target(setter=_param_setter(model.hc_head.fn)),
-        "hc_head_base": Target(setter=_param_setter(model.hc_head.base)),
-        "hc_head_scale": Target(setter=_param_setter(model.hc_head.scale)),
-    }
-    for i, blk in enumerate(model.layers):
-        p = f"layers.{i}."
-        t[p + "attn_norm.weight"] = Target(setter=_param_setter(blk.attn_norm.weight))
-        t[p + "ffn_norm.weight"] = Target(setter=_param_setter(blk.ffn_norm.weight))
-        for site, hc in (("attn", blk.hc_attn), ("ffn", blk.hc_ffn)):
-            for leaf in ("fn", "base", "scale"):
-                t[f"{p}hc_{site}_{leaf}"] = Target(setter=_param_setter(getattr(hc, leaf)))
-        a = blk.attn
-        for leaf in ("wq_a", "wq_b", "wkv", "wo_a", "wo_b"):
-            t[f"{p}attn.{leaf}.weight"] = Target(linear=getattr(a, leaf))
-        t[p + "attn.q_norm.weight"] = Target(setter=_param_setter(a.q_norm.weight))
-        t[p + "attn.kv_norm.weight"] = Target(setter=_param_setter(a.kv_norm.weight))
-        t[p + "attn.attn_sink"] = Target(setter=_param_setter(a.attn_sink))
-        comps = []
-        if a.compressor is not None:
-            comps.append(("attn.compressor.", a.compressor))
-        if a.indexer is not None:
-            comps.append(("attn.indexer.compressor.", a.indexer.compressor))
-            t[p + "attn.indexer.wq_b.weight"] = Target(linear=a.indexer.wq_b)
-            t[p + "attn.indexer.weights_proj.weight"] = Target(linear=a.indexer.weights_proj)
-        for prefix, c in comps:
-            t[p + prefix + "wkv.weight"] = Target(linear=c.wkv)
-            t[p + prefix + "wgate.weight"] = Target(linear=c.wgate)
-            t[p + prefix + "ape"] = Target(setter=_param_setter(c.ape))
-            t[p + prefix + "norm.weight"] = Target(setter=_param_setter(c.norm.weight))
-        f = blk.ffn
-        t[p + "ffn.gate.weight"] = Target(setter=_param_setter(f.gate_weight))
-        if f.is_hash:
-            t[p + "ffn.gate.tid2eid"] = Target(setter=_param_setter(f.tid2eid))
-        else:
-            t[p + "ffn.gate.bias"] = Target(setter=_param_setter(f.gate_bias))
-        for local, e in enumerate(f.experts.expert_ids):
-            for w in StackedExperts.PARTS:
-                t[f"{p}ffn.experts.{e}.{w}.weight"] = Target(expert=(f.experts, local, w))
-        for w in ("w1", "w2", "w3"):
-            t[f"{p}ffn.shared_experts.{w}.weight"] = Target(linear=getattr(f.shared, w))
+# Our module paths → official names, for the few places where the module tree is not spelled like
+# the checkpoint (everything else — ``layers.N.attn.wq_a``, ``…compressor.ape``, norms — is the same).
+_TREE_TO_OFFICIAL = [
+    (r"^(embed|head)$", r"\1.weight"),  # bare parameters on the root
+    (r"(^|\.)hc_(attn|ffn|head)\.(fn|base|scale)$", r"\1hc_\2_\3"),
+    (r"\.ffn\.gate_weight$", ".ffn.gate.weight"),
+    (r"\.ffn\.gate_bias$", ".ffn.gate.bias"),
+    (r"\.ffn\.tid2eid$", ".ffn.gate.tid2eid"),
+    (r"\.ffn\.shared\.", ".ffn.shared_experts."),
+]
+
+
+def _tree_to_official(path: str) -> str:
+    for pat, rep in _TREE_TO_OFFICIAL:
+        path = re.sub(pat, rep, path)
+    return path
+
+
+def expected_tensors(model: nn.Module, prefix: str = "") -> dict[str, Target]:
+    """Every official tensor name ``model`` needs, mapped to where it goes, derived from the module
+    tree: each ``Linear`` is one ``<path>.weight`` (plus an optional ``.scale``), each
+    ``StackedExperts`` one ``<path>.<expert>.<w1|w2|w3>.weight`` per expert it holds, and every
+    other parameter or persistent buffer its own path, renamed by ``_TREE_TO_OFFICIAL``.
+    Non-persistent buffers (rotary tables, quantised copies) are not checkpoint tensors.
+    ``prefix`` names a sub-module's place in the checkpoint (e.g. ``"mtp.0."``)."""
+    t: dict[str, Target] = {}
+    for path, mod in model.named_modules():
+        full = prefix + path
+        if isinstance(mod, Linear):
+            t[_tree_to_official(full + ".weight")] = Target(linear=mod)
+            continue
+        if isinstance(mod, StackedExperts):
+            for local, e in enumerate(mod.expert_ids):
+                for w in StackedExperts.PARTS:
+                    t[f"{full}.{e}.{w}.weight"] = Target(expert=(mod, local, w))
+            continue
+        dot = full + "." if full else ""
+        for name, p in mod.named_parameters(recurse=False):
+            t[_tree_to_official(dot + name)] = Target(setter=_param_setter(p))
+        for name, b in mod.named_buffers(recurse=False):
+            if b is not None and name not in mod._non_persistent_buffers_set:
+                t[_tree_to_official(dot + name)] = Target(setter=_param_setter(b))
     return t
 
 
