@@ -10,7 +10,10 @@ import os
 
 import torch
 
+from kernels import indexer as _idx
 from kernels import sink_attention as _sink
+from kernels import sparse_attention as _sparse
+from kernels.kv_records import FP4_KEY, FP8_ENTRY, PLAIN
 
 BACKEND_ENV = "DSV4_KERNELS"
 BACKENDS = ("torch", "triton")
@@ -43,4 +46,44 @@ def sink_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, sink
     return _sink.sink_attention_torch(q, keys, mask, sinks, scale)
 
 
-__all__ = ["BACKEND_ENV", "backend_for", "sink_attention"]
+def indexer_topk(q: torch.Tensor, w: torch.Tensor, seq: torch.Tensor, visible: torch.Tensor, tables: torch.Tensor,
+                 pool: torch.Tensor, *, fp4: bool, num_entries: int, topk: int, workspace_elements: int,
+                 reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lightning-indexer top-k of queries ``q [Q, H, dim]`` (head weights ``w [Q, H]``, sequence
+    ``seq [Q]``, ``visible [Q]`` completed entries) over entries ``[0, num_entries)`` of the paged
+    key ``pool`` (block tables ``tables [B, blocks]``; ``fp4``: packed FP4 records of rotated keys):
+    entry ids ``[Q, min(topk, num_entries)]`` and which are real. The scores of one chunk of the
+    context stay within ``workspace_elements`` (see ``kernels/indexer.py``)."""
+    fmt = FP4_KEY if fp4 else PLAIN
+    _idx.check_indexer_args(q, w, seq, visible, tables, pool, fmt, topk)
+    Q, H, D = q.shape
+    if backend_for(q) == "triton":
+        _check_triton_runs_on(q)
+        score, chunk = _idx.indexer_scores_triton, workspace_elements // max(1, Q)
+    else:  # the twin gathers [Q, chunk, dim] keys and forms [Q, H, chunk] scores
+        score, chunk = _idx.indexer_scores_torch, workspace_elements // max(1, Q * (H + D))
+    return _idx.indexer_topk(lambda c0, c1: score(q, w, seq, visible, tables, pool, fmt, c0, c1), Q, visible,
+                             num_entries, topk, chunk, reduce)
+
+
+def sparse_attention(q: torch.Tensor, kv: torch.Tensor, seq: torch.Tensor, positions: torch.Tensor,
+                     start_pos: torch.Tensor, window_slots: torch.Tensor, window_pool: torch.Tensor,
+                     sinks: torch.Tensor, scale: float, cos: torch.Tensor, sin: torch.Tensor, *, fp8: bool = False,
+                     comp_pool: torch.Tensor | None = None, tables: torch.Tensor | None = None,
+                     comp_ids: torch.Tensor | None = None, comp_valid: torch.Tensor | None = None, ratio: int = 0,
+                     num_entries: int | None = None) -> torch.Tensor:
+    """Sink attention of a flat varlen batch over the window ring and the compressed pools, read in
+    place (``fp8``: packed FP8 entry records), inverse RoPE applied: ``[T, H, D]`` in q's dtype.
+    See ``kernels/sparse_attention.py`` for the argument contract."""
+    fmt = FP8_ENTRY if fp8 else PLAIN
+    _sparse.check_sparse_attention_args(q, kv, seq, positions, start_pos, window_slots, window_pool, sinks, cos,
+                                        sin, fmt, comp_pool, tables, comp_ids, comp_valid, ratio)
+    impl = _sparse.sparse_attention_torch
+    if backend_for(q) == "triton":
+        _check_triton_runs_on(q)
+        impl = _sparse.sparse_attention_triton
+    return impl(q, kv, seq, positions, start_pos, window_slots, window_pool, sinks, scale, cos, sin, fmt,
+                comp_pool, tables, comp_ids, comp_valid, ratio, num_entries)
+
+
+__all__ = ["BACKEND_ENV", "backend_for", "indexer_topk", "sink_attention", "sparse_attention"]

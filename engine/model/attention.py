@@ -27,6 +27,7 @@ from engine.model.config import ModelConfig
 from engine.model.layers import Linear, RMSNorm, Rotary, apply_rope, rms_norm
 from engine.worker.input_batch import NO_SLOT, CompressPlan, ForwardBatch
 from engine.worker.kv_cache import CSA_RATIO, CompressorState, KVCache
+import kernels
 from kernels import sink_attention
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -194,6 +195,24 @@ class Attention(nn.Module):
         if self.compressor is not None:
             self._store_entries(x, batch, cache, rotary)
 
+        if kernels.backend_for(q) == "triton":  # keys read in place, inverse RoPE in the kernel
+            out = self._attend_in_place(q, kv, batch, cache, index_q, reduce, cos, sin)
+        else:
+            out = apply_rope(self._attend_gathered(q, kv, batch, cache, index_q, reduce), cos, sin, inverse=True)
+        # Store this step's newest W tokens of each sequence (after every read: the ring may wrap).
+        W = cfg.sliding_window
+        slots = torch.where(batch.newest_rows(W), batch.window_slots[batch.seq_ids], NO_SLOT)
+        cache.store_window(self.layer, slots, batch.positions, kv)
+        # Grouped output projection: group g = heads [g*hpg, (g+1)*hpg) → o_lora_rank each.
+        grouped = out.view(T, self.n_groups, -1)
+        w = self.wo_a.weight.view(self.n_groups, cfg.o_lora_rank, -1).to(x.dtype)
+        z = torch.einsum("tgi,goi->tgo", grouped, w).reshape(T, -1)
+        y = self.wo_b(z)
+        return reduce(y) if reduce is not None else y
+
+    def _attend_gathered(self, q, kv, batch: ForwardBatch, cache: KVCache, index_q, reduce) -> torch.Tensor:
+        """The torch path: keys gathered per query block, then ``kernels.sink_attention``."""
+        T = q.shape[0]
         block = self._query_block(batch)
         outs = []
         for r0 in range(0, T, block):
@@ -204,18 +223,25 @@ class Attention(nn.Module):
                 keys = torch.cat([keys, ckeys.to(keys.dtype)], dim=1)
                 mask = torch.cat([mask, cmask], dim=1)
             outs.append(sink_attention(q[rows], keys, mask, self.attn_sink, self.softmax_scale))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        # Store this step's newest W tokens of each sequence (after every read: the ring may wrap).
-        W = cfg.sliding_window
-        slots = torch.where(batch.newest_rows(W), batch.window_slots[batch.seq_ids], NO_SLOT)
-        cache.store_window(self.layer, slots, batch.positions, kv)
-        out = apply_rope(out, cos, sin, inverse=True)
-        # Grouped output projection: group g = heads [g*hpg, (g+1)*hpg) → o_lora_rank each.
-        grouped = out.view(T, self.n_groups, -1)
-        w = self.wo_a.weight.view(self.n_groups, cfg.o_lora_rank, -1).to(x.dtype)
-        z = torch.einsum("tgi,goi->tgo", grouped, w).reshape(T, -1)
-        y = self.wo_b(z)
-        return reduce(y) if reduce is not None else y
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _attend_in_place(self, q, kv, batch: ForwardBatch, cache: KVCache, index_q, reduce, cos, sin) -> torch.Tensor:
+        """The kernel path: the indexer and the attention read the pools in place (same result
+        as ``_attend_gathered`` + inverse RoPE)."""
+        m, fp8 = self.ratio, cache.entry_codec is not None
+        comp = {}
+        if m == CSA_RATIO:
+            ids, valid = kernels.indexer_topk(
+                index_q[0], index_q[1], batch.seq_ids, (batch.positions + 1) // m, batch.c4_tables,
+                cache.c4_idx[self.layer], fp4=fp8, num_entries=batch.max_entries(m), topk=self.indexer.topk,
+                workspace_elements=WORKSPACE_ELEMENTS, reduce=reduce)
+            comp = dict(comp_pool=cache.c4_kv[self.layer], tables=batch.c4_tables, comp_ids=ids, comp_valid=valid)
+        elif m:
+            comp = dict(comp_pool=cache.c128_kv[self.layer], tables=batch.c128_tables, ratio=m,
+                        num_entries=batch.max_entries(m))
+        return kernels.sparse_attention(q, kv, batch.seq_ids, batch.positions, batch.start_pos, batch.window_slots,
+                                        cache.window[self.layer], self.attn_sink, self.softmax_scale, cos, sin,
+                                        fp8=fp8, **comp)
 
     def _store_entries(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, rotary: Rotary) -> None:
         """Pool the entries this step completes and write them (and their indexer keys) into

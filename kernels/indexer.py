@@ -1,0 +1,143 @@
+"""Lightning-indexer top-k over the paged C4 indexer keys (spec §3.7), chunked over the context.
+
+For query ``t`` (sequence ``seq[t]``, ``visible[t]`` completed entries) and entry ``e``::
+
+    score[t, e] = sum_h w[t, h] * ReLU(q[t, h] . key[seq[t], e]) * dim^-0.5   (e < visible[t], else -inf)
+
+and the result is the ``topk`` entries of highest score, ties to the lower entry id, with which of
+them are real (``< visible``). Entries are scored ``chunk`` at a time and merged into a running
+top-k by a stable sort, so memory is ``[Q, topk + chunk]`` whatever the context: the top-k of the
+whole order (score descending, id ascending) does not depend on the chunking.
+
+``indexer_scores_torch`` gathers and decodes the keys, ``indexer_scores_triton`` reads them in
+place from the pool through the block tables (FP4 records decoded in the kernel); both feed the
+same merge (``indexer_topk``), so a tie is broken the same way on either side. Scores agree to
+float32 rounding (the sums run in a different order); with a tensor-parallel ``reduce`` the
+partial scores of each rank's heads are summed before the merge.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.kv_records import FP4_KEY, PLAIN, decode_rows, entry_block_row, gather_rows, load_fp4_key
+
+BLOCK_N = 32  # entries per program
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def check_indexer_args(q: torch.Tensor, w: torch.Tensor, seq: torch.Tensor, visible: torch.Tensor,
+                       tables: torch.Tensor, pool: torch.Tensor, fmt: int, topk: int) -> None:
+    """Raise ValueError (naming the parameter) unless the arguments describe one indexer call."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [Q, H, dim], got shape {tuple(q.shape)}")
+    Q, H, D = q.shape
+    if tuple(w.shape) != (Q, H):
+        raise ValueError(f"w must be [Q={Q}, H={H}], got shape {tuple(w.shape)}")
+    for name, t in (("seq", seq), ("visible", visible)):
+        if tuple(t.shape) != (Q,) or t.dtype != torch.long:
+            raise ValueError(f"{name} must be int64 [Q={Q}], got {t.dtype} {tuple(t.shape)}")
+    if tables.dim() != 2 or tables.dtype != torch.long:
+        raise ValueError(f"tables must be int64 [B, blocks], got {tables.dtype} {tuple(tables.shape)}")
+    if pool.dim() != 3:
+        raise ValueError(f"pool must be [blocks, entries per block, record], got shape {tuple(pool.shape)}")
+    want = D // 2 + -(-D // 32) if fmt == FP4_KEY else D
+    if fmt not in (PLAIN, FP4_KEY) or pool.shape[-1] != want or (fmt == FP4_KEY) != (pool.dtype == torch.uint8):
+        raise ValueError(f"pool records must be {'uint8 FP4 keys' if fmt == FP4_KEY else 'plain keys'} of width "
+                         f"{want} for dim {D}, got {pool.dtype} {tuple(pool.shape)}")
+    if not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be a positive int, got {topk!r}")
+    devices = {t.device for t in (q, w, seq, visible, tables, pool)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must share one device, got {sorted(map(str, devices))}")
+
+
+def indexer_scores_torch(q, w, seq, visible, tables, pool, fmt: int, c0: int, c1: int) -> torch.Tensor:
+    """Scores ``[Q, c1 - c0]`` of entries ``[c0, c1)``: keys gathered and decoded, fp32 einsum."""
+    Q, H, D = q.shape
+    ids = torch.arange(c0, c1, device=q.device).expand(Q, -1)
+    keys = decode_rows(gather_rows(pool, tables, seq, ids), fmt, D, 0, q.dtype).float()
+    scores = torch.einsum("qhd,qcd->qhc", q.float(), keys).relu_() * (D ** -0.5)
+    scores = (scores * w.float()[:, :, None]).sum(dim=1)
+    return scores.masked_fill(ids >= visible[:, None], float("-inf"))
+
+
+@triton.jit
+def _indexer_scores_kernel(
+    q_ptr, w_ptr, seq_ptr, vis_ptr, table_ptr, pool_ptr, out_ptr,
+    H, D, E, n_cols, pad_row, c0, c1, scale,
+    stride_qq, stride_qh, stride_qd, stride_wq, stride_wh, stride_tb, stride_tc,
+    stride_pb, stride_pe, stride_oq, stride_oc,
+    FMT: tl.constexpr, KEY_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (query, block of entries): all of the query's heads against the block's keys.
+    t = tl.program_id(0)
+    ids = c0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    h_ok, d_ok, n_ok = h < H, d < D, ids < c1
+    seq = tl.load(seq_ptr + t)
+    vis = tl.load(vis_ptr + t)
+    q = tl.load(q_ptr + t * stride_qq + h[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + t * stride_wq + h * stride_wh, mask=h_ok, other=0.0).to(tl.float32)
+    block, row = entry_block_row(table_ptr, stride_tb, stride_tc, n_cols, pad_row, seq, ids, n_ok & (ids < vis), E)
+    rec = pool_ptr + block.to(tl.int64) * stride_pb + row * stride_pe
+    k_ok = (n_ok & (ids < vis))[:, None] & d_ok[None, :]
+    if FMT == 2:  # FP4_KEY
+        k = load_fp4_key(rec[:, None], d[None, :], k_ok, DIM=KEY_DIM)
+    else:
+        k = tl.load(rec[:, None] + d[None, :], mask=k_ok, other=0.0).to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32)  # [BLOCK_H, BLOCK_N]
+    s = tl.maximum(s, 0.0) * scale
+    score = tl.sum(s * w[:, None], axis=0)
+    score = tl.where(ids < vis, score, float("-inf"))
+    tl.store(out_ptr + t * stride_oq + (ids - c0) * stride_oc, score, mask=n_ok)
+
+
+def indexer_scores_triton(q, w, seq, visible, tables, pool, fmt: int, c0: int, c1: int) -> torch.Tensor:
+    """Same scores as the twin, the keys read in place from ``pool``."""
+    Q, H, D = q.shape
+    out = torch.empty(Q, c1 - c0, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    if fmt == FP4_KEY and D & (D - 1):
+        raise ValueError(f"FP4 indexer keys need a power-of-two dim, got {D}")
+    if pool.stride(-1) != 1:
+        raise ValueError("pool records must be contiguous in their last dimension")
+    grid = (Q, triton.cdiv(c1 - c0, BLOCK_N))
+    _indexer_scores_kernel[grid](
+        q, w, seq, visible, tables, pool, out,
+        H, D, pool.shape[1], tables.shape[1], pool.shape[0] - 1, c0, c1, float(D ** -0.5),
+        *q.stride(), *w.stride(), *tables.stride(), pool.stride(0), pool.stride(1), *out.stride(),
+        FMT=fmt, KEY_DIM=D, BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_N=BLOCK_N,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+    )
+    return out
+
+
+def indexer_topk(scores_of: Callable[[int, int], torch.Tensor], Q: int, visible: torch.Tensor, num_entries: int,
+                 topk: int, chunk: int, reduce: Reduce | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running top-k over entries ``[0, num_entries)``, ``chunk`` at a time: entry ids ``[Q, k]``
+    (``k = min(topk, num_entries)``) and which are real (``< visible``). ``scores_of(c0, c1)`` gives
+    the ``[Q, c1 - c0]`` scores of a chunk (``-inf`` where not visible)."""
+    device = visible.device
+    if num_entries <= topk:  # top-k keeps every visible entry: no scoring needed
+        ids = torch.arange(num_entries, device=device).expand(Q, -1)
+        return ids, ids < visible[:, None]
+    chunk = max(chunk, topk)
+    best_scores = torch.empty(Q, 0, dtype=torch.float32, device=device)
+    best_ids = torch.empty(Q, 0, dtype=torch.long, device=device)
+    for c0 in range(0, num_entries, chunk):
+        c1 = min(c0 + chunk, num_entries)
+        ids = torch.arange(c0, c1, device=device).expand(Q, -1)
+        scores = scores_of(c0, c1)
+        if reduce is not None:  # indexer heads are split across tensor-parallel ranks
+            scores = reduce(scores).masked_fill(ids >= visible[:, None], float("-inf"))
+        scores, ids = torch.cat([best_scores, scores], dim=1), torch.cat([best_ids, ids], dim=1)
+        order = scores.sort(dim=1, descending=True, stable=True).indices[:, :topk]
+        best_scores, best_ids = scores.gather(1, order), ids.gather(1, order)
+    return best_ids, best_ids < visible[:, None]
