@@ -3,22 +3,18 @@ running top-k against a brute-force stable sort, and the twin against the model'
 
 Triton runs happen in a fresh subprocess with TRITON_INTERPRET=1 (see test_kernel_sink_attention).
 """
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import kernels
+from tests_util import assert_interpreted_script_passes
 from engine.tiny.make_tiny import tiny_config
 from engine.worker.kv_cache import CacheShape, KVCache
 from kernels.indexer import indexer_scores_torch, indexer_topk
 from kernels.kv_records import FP4_KEY, PLAIN
 
-REPO = Path(__file__).resolve().parents[1]
 
 # Pools: 4 entries per block (page boundaries every 4 entries), blocks in a scrambled order,
 # tables padded with -1; H=3/5 (not a multiple of the 16-row dot block), plain dim 24 (not a power
@@ -90,16 +86,8 @@ PARITY_SCRIPT = SETUP + textwrap.dedent("""
 """)
 
 
-def _run_interpreted(script: str, **env: str) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_triton_scores_and_topk_match_the_twin_under_interpreter():
-    proc = _run_interpreted(PARITY_SCRIPT, DSV4_KERNELS="triton")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "worst=" in proc.stdout
+    assert_interpreted_script_passes(PARITY_SCRIPT, timeout=300, DSV4_KERNELS="triton")
 
 
 def _setup(fmt, H, D, seed, ties=False):

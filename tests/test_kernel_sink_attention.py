@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kernels
+from tests_util import assert_interpreted_script_passes
 from kernels.sink_attention import sink_attention_torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,16 +75,8 @@ PARITY_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_interpreted(script: str, **env: str) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "TRITON_INTERPRET": "1", **env}
-    return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_triton_matches_torch_twin_under_interpreter():
-    proc = _run_interpreted(PARITY_SCRIPT, DSV4_KERNELS="triton")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "worst=" in proc.stdout
+    assert_interpreted_script_passes(PARITY_SCRIPT, timeout=120, DSV4_KERNELS="triton")
 
 
 def test_twin_matches_direct_softmax_with_sink_column():

@@ -3,19 +3,15 @@ torch twin, the twin against the model's gathered-key path, and argument checks.
 
 Triton runs happen in a fresh subprocess with TRITON_INTERPRET=1 (see test_kernel_sink_attention).
 """
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import kernels
+from tests_util import assert_interpreted_script_passes
 from kernels.kv_records import PLAIN
 
-REPO = Path(__file__).resolve().parents[1]
 
 # A varlen batch of four sequences: a chunk after a cached prefix whose window reaches back into
 # the ring (and wraps it), a prompt from position 0, a single decode token deep in its context and
@@ -84,16 +80,8 @@ PARITY_SCRIPT = SETUP + textwrap.dedent("""
 """)
 
 
-def _run_interpreted(script: str, **env: str) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_triton_matches_torch_twin_under_interpreter():
-    proc = _run_interpreted(PARITY_SCRIPT, DSV4_KERNELS="triton")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "worst=" in proc.stdout
+    assert_interpreted_script_passes(PARITY_SCRIPT, timeout=300, DSV4_KERNELS="triton")
 
 
 def _setup(fmt, H, W, seed):

@@ -1,6 +1,11 @@
 """Small helpers shared by tests: a single-sequence forward on a fresh dense cache."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from engine.worker.input_batch import ForwardBatch, SeqView
@@ -21,3 +26,16 @@ def forward_logits(model, ids: list[int]) -> torch.Tensor:
                   list(range(cache.shape.num_c128_blocks)))
     batch = ForwardBatch.build([ids], [seq], list(range(len(ids))))
     return model.compute_logits(model(batch, cache))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def assert_interpreted_script_passes(script: str, timeout: int = 300, **env: str) -> None:
+    """Run ``script`` in a fresh interpreter with TRITON_INTERPRET=1 (so the interpreter never leaks
+    into other tests) and fail with its output unless it exits 0 and prints its ``worst=`` line."""
+    full_env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", **env}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "worst=" in proc.stdout
