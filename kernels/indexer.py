@@ -6,8 +6,9 @@ For query ``t`` (sequence ``seq[t]``, ``visible[t]`` completed entries) and entr
 
 and the result is the ``topk`` entries of highest score, ties to the lower entry id, with which of
 them are real (``< visible``). Entries are scored ``chunk`` at a time and merged into a running
-top-k by a stable sort, so memory is ``[Q, topk + chunk]`` whatever the context: the top-k of the
-whole order (score descending, id ascending) does not depend on the chunking.
+top-k (the k-th largest score as a threshold, ties taken in id order: no sort of the chunk), so
+memory is ``[Q, topk + chunk]`` whatever the context: the top-k of the whole order (score
+descending, id ascending) does not depend on the chunking.
 
 ``indexer_scores_torch`` gathers and decodes the keys, ``indexer_scores_triton`` reads them in
 place from the pool through the block tables (FP4 records decoded in the kernel); both feed the
@@ -122,22 +123,42 @@ def indexer_scores_triton(q, w, seq, visible, tables, pool, fmt: int, c0: int, c
 def indexer_topk(scores_of: Callable[[int, int], torch.Tensor], Q: int, visible: torch.Tensor, num_entries: int,
                  topk: int, chunk: int, reduce: Reduce | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The running top-k over entries ``[0, num_entries)``, ``chunk`` at a time: entry ids ``[Q, k]``
-    (``k = min(topk, num_entries)``) and which are real (``< visible``). ``scores_of(c0, c1)`` gives
-    the ``[Q, c1 - c0]`` scores of a chunk (``-inf`` where not visible)."""
+    (``k = min(topk, num_entries)``, score descending, ties to the lower id) and which are real
+    (``< visible``). ``scores_of(c0, c1)`` gives the ``[Q, c1 - c0]`` scores of a chunk (``-inf``
+    where not visible)."""
     device = visible.device
     if num_entries <= topk:  # top-k keeps every visible entry: no scoring needed
         ids = torch.arange(num_entries, device=device).expand(Q, -1)
         return ids, ids < visible[:, None]
     chunk = max(chunk, topk)
-    best_scores = torch.empty(Q, 0, dtype=torch.float32, device=device)
-    best_ids = torch.empty(Q, 0, dtype=torch.long, device=device)
+    best_scores = best_ids = None  # kept in ascending id order, so a column's order is its id's
     for c0 in range(0, num_entries, chunk):
         c1 = min(c0 + chunk, num_entries)
-        ids = torch.arange(c0, c1, device=device).expand(Q, -1)
         scores = scores_of(c0, c1)
         if reduce is not None:  # indexer heads are split across tensor-parallel ranks
-            scores = reduce(scores).masked_fill(ids >= visible[:, None], float("-inf"))
-        scores, ids = torch.cat([best_scores, scores], dim=1), torch.cat([best_ids, ids], dim=1)
-        order = scores.sort(dim=1, descending=True, stable=True).indices[:, :topk]
-        best_scores, best_ids = scores.gather(1, order), ids.gather(1, order)
+            scores = reduce(scores).masked_fill(torch.arange(c0, c1, device=device) >= visible[:, None],
+                                                float("-inf"))
+        cand = scores if best_scores is None else torch.cat([best_scores, scores], dim=1)
+        cols = _top_k_columns(cand, topk)
+        kept = 0 if best_ids is None else best_ids.shape[1]
+        chunk_ids = cols + (c0 - kept)
+        best_ids = chunk_ids if best_ids is None else torch.where(
+            cols < kept, best_ids.gather(1, cols.clamp(max=kept - 1)), chunk_ids)
+        best_scores = cand.gather(1, cols)
+    # Stable, on ids in ascending order: equal scores keep the lower id first.
+    order = best_scores.sort(dim=1, descending=True, stable=True).indices
+    best_ids = best_ids.gather(1, order)
     return best_ids, best_ids < visible[:, None]
+
+
+def _top_k_columns(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Columns ``[Q, k]`` (ascending) of each row's ``k`` highest scores, ties to the lower column:
+    the first ``k`` of a stable descending sort, in O(columns) passes instead of a sort."""
+    kth = scores.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    above = scores > kth
+    tie = scores == kth
+    keep = above | (tie & (tie.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    slot = torch.where(keep, keep.cumsum(1) - 1, k)  # rank among the kept; the rest go to column k
+    cols = torch.empty(scores.shape[0], k + 1, dtype=torch.long, device=scores.device)
+    cols.scatter_(1, slot, torch.arange(scores.shape[1], device=scores.device).expand_as(slot))
+    return cols[:, :k]

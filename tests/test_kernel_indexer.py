@@ -145,7 +145,9 @@ def test_twin_matches_the_model_indexer_on_the_cache_pools(kv_cache_dtype):
     visible = torch.tensor([11, 6, 8, 2, 0])
     q = cache.round_index_query(torch.randn(5, cfg.index_n_heads, cfg.index_head_dim, generator=g).bfloat16())
     w = torch.randn(5, cfg.index_n_heads, generator=g)
-    want = indexer.select(q, w, visible, 11, lambda e: cache.gather_entries(pool, tables[seq], e), None)
+    # Each query its own group (n_seqs = Q, one row each): keys read through that query's table.
+    want = indexer.select(q, w, visible, 11, lambda c0, c1: cache.gather_entries(
+        pool, tables[seq], torch.arange(c0, c1).expand(5, -1)), 5, None)
     got = kernels.indexer_topk(q, w, seq, visible, tables, pool, fp4=kv_cache_dtype == "fp8", num_entries=11,
                                topk=5, workspace_elements=1 << 20)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -53,3 +53,29 @@ def test_sequences_together_equal_each_alone(tiny_dir, kv_cache_dtype):
         diff = (joint - single).abs().max().item()
         assert diff < 1e-5, f"step {step}: max |dlogit| {diff:.3g}"
         assert torch.equal(joint.argmax(-1), single.argmax(-1))
+
+
+@torch.inference_mode()
+def test_tiny_workspace_tiles_and_chunks_equal_the_default(tiny_dir, monkeypatch):
+    """A workspace so small that every query is its own tile and the indexer merges its running
+    top-k over several chunks gives the same logits as the default (one tile, one chunk)."""
+    import engine.model.attention as attention
+
+    cfg = ModelConfig.from_dir(tiny_dir)
+    model = DeepseekV4(cfg)
+    load_weights(model, tiny_dir)
+    g = torch.Generator().manual_seed(11)
+    lengths = [520, 1, 300, 300]
+    prompts = [torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    feeds = list(zip(range(len(lengths)), prompts, [0] * len(lengths)))
+
+    def run():
+        cache = KVCache(cfg, CacheShape(len(lengths), len(lengths), len(lengths) * BLOCKS, len(lengths)),
+                        model.dtype, "cpu")
+        return _step(model, cache, feeds)
+
+    default = run()
+    monkeypatch.setattr(attention, "WORKSPACE_ELEMENTS", 1 << 12)  # 1-row tiles, 2 indexer chunks at 520
+    tiled = run()
+    assert (tiled - default).abs().max().item() < 1e-5
+    assert torch.equal(tiled.argmax(-1), default.argmax(-1))

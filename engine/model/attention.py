@@ -25,10 +25,11 @@ from torch import nn
 
 from engine.model.config import ModelConfig
 from engine.model.layers import Linear, RMSNorm, Rotary, apply_rope, rms_norm
-from engine.worker.input_batch import NO_SLOT, CompressPlan, ForwardBatch
+from engine.worker.input_batch import NO_SLOT, CompressPlan, ForwardBatch, QueryTile
 from engine.worker.kv_cache import CSA_RATIO, CompressorState, KVCache
 import kernels
 from kernels import sink_attention
+from kernels.indexer import indexer_topk as running_topk
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 WORKSPACE_ELEMENTS = 1 << 24  # gathered key elements per query block (and indexer chunk)
@@ -125,32 +126,29 @@ class Indexer(nn.Module):
         return q, w
 
     def select(self, q: torch.Tensor, w: torch.Tensor, visible: torch.Tensor, num_entries: int,
-               keys_of: Callable[[torch.Tensor], torch.Tensor], reduce: Reduce | None
+               keys_of: Callable[[int, int], torch.Tensor], n_seqs: int, reduce: Reduce | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Entry ids ``[Q, k]`` each query attends to and which of them are real (``< visible``).
 
-        Scores ``sum_h w_h * ReLU(q_h . key)`` over entries ``[0, num_entries)`` read by
-        ``keys_of(ids [Q, C])``, ``C`` at a time with a running top-k, so memory stays bounded
-        whatever the context. Ties go to the lower entry index (stable sort)."""
-        Q = q.shape[0]
-        if num_entries <= self.topk:  # top-k keeps every visible entry: no scoring needed
-            ids = torch.arange(num_entries, device=q.device).expand(Q, -1)
-            return ids, ids < visible[:, None]
-        chunk = max(self.topk, WORKSPACE_ELEMENTS // (Q * (self.n_heads + self.head_dim)))
-        best_scores = torch.empty(Q, 0, dtype=torch.float32, device=q.device)
-        best_ids = torch.empty(Q, 0, dtype=torch.long, device=q.device)
-        qf = q.float()
-        for c0 in range(0, num_entries, chunk):
-            ids = torch.arange(c0, min(c0 + chunk, num_entries), device=q.device).expand(Q, -1)
-            scores = torch.einsum("qhd,qcd->qhc", qf, keys_of(ids).float()).relu_() * (self.head_dim ** -0.5)
-            scores = (scores * w[:, :, None]).sum(dim=1)
-            if reduce is not None:  # indexer heads are split across tensor-parallel ranks
-                scores = reduce(scores)
-            scores = scores.masked_fill(ids >= visible[:, None], float("-inf"))
-            scores, ids = torch.cat([best_scores, scores], dim=1), torch.cat([best_ids, ids], dim=1)
-            order = scores.sort(dim=1, descending=True, stable=True).indices[:, :self.topk]
-            best_scores, best_ids = scores.gather(1, order), ids.gather(1, order)
-        return best_ids, best_ids < visible[:, None]
+        The ``Q`` queries are ``n_seqs`` equal groups, group ``i`` from sequence ``i``, whose keys
+        of entries ``[c0, c1)`` ``keys_of(c0, c1)`` reads as ``[n_seqs, c1 - c0, d]``: each
+        sequence's keys are read once per chunk for all its queries. Scores
+        ``sum_h w_h * ReLU(q_h . key)`` over entries ``[0, num_entries)``, a chunk at a time into
+        ``kernels.indexer``'s running top-k, so memory stays bounded whatever the context. Ties go
+        to the lower entry index."""
+        Q, H, d = q.shape
+        L = Q // n_seqs
+        chunk = WORKSPACE_ELEMENTS // (Q * H + n_seqs * d)
+        qf = q.float().view(n_seqs, L, H, d)
+        # relu(x) * s * w == relu(x) * (s * w) for the positive scale s: one weighted sum over heads.
+        wf = (w.float() * d ** -0.5)[:, None, :]
+
+        def scores_of(c0: int, c1: int) -> torch.Tensor:
+            scores = torch.einsum("nlhd,ncd->nlhc", qf, keys_of(c0, c1).float()).reshape(Q, H, c1 - c0).relu_()
+            scores = torch.bmm(wf, scores).squeeze(1)
+            return scores.masked_fill(torch.arange(c0, c1, device=q.device) >= visible[:, None], float("-inf"))
+
+        return running_topk(scores_of, Q, visible, num_entries, self.topk, chunk, reduce)
 
 
 class Attention(nn.Module):
@@ -212,14 +210,12 @@ class Attention(nn.Module):
 
     def _attend_gathered(self, q, kv, batch: ForwardBatch, cache: KVCache, index_q, reduce) -> torch.Tensor:
         """The torch path: keys gathered per query block, then ``kernels.sink_attention``."""
-        T = q.shape[0]
-        block = self._query_block(batch)
         outs = []
-        for r0 in range(0, T, block):
-            rows = slice(r0, min(T, r0 + block))
+        for tile in batch.query_tiles(self._query_block(batch)):
+            rows = tile.rows
             keys, mask = self._window_keys(rows, kv, batch, cache)
             if self.compressor is not None:
-                ckeys, cmask = self._compressed_keys(rows, batch, cache, index_q, reduce)
+                ckeys, cmask = self._compressed_keys(tile, batch, cache, index_q, reduce)
                 keys = torch.cat([keys, ckeys.to(keys.dtype)], dim=1)
                 mask = torch.cat([mask, cmask], dim=1)
             outs.append(sink_attention(q[rows], keys, mask, self.attn_sink, self.softmax_scale))
@@ -274,10 +270,10 @@ class Attention(nn.Module):
         ring = cache.gather_window(self.layer, batch.window_slots[seq], kpos)
         return torch.where(in_step, step, ring.to(kv.dtype)), kpos >= 0
 
-    def _compressed_keys(self, rows: slice, batch: ForwardBatch, cache: KVCache, index_q, reduce):
+    def _compressed_keys(self, tile: QueryTile, batch: ForwardBatch, cache: KVCache, index_q, reduce):
         """Compressed keys ``[Q, K, D]`` and mask: the indexer's top-k entries on CSA layers,
         every entry on HCA layers (masked to those completed at the query's position)."""
-        m = self.ratio
+        m, rows = self.ratio, tile.rows
         seq, pos = batch.seq_ids[rows], batch.positions[rows]
         tables = batch.tables(m)[seq]
         visible = (pos + 1) // m
@@ -287,8 +283,13 @@ class Attention(nn.Module):
             valid = ids < visible[:, None]
             pool = cache.c128_kv[self.layer]
         else:
-            idx_pool = cache.c4_idx[self.layer]
-            ids, valid = self.indexer.select(index_q[0][rows], index_q[1][rows], visible, n,
-                                             lambda e: cache.gather_entries(idx_pool, tables, e), reduce)
+            idx_pool, seq_tables = cache.c4_idx[self.layer], batch.c4_tables[tile.seqs]
+
+            def keys_of(c0: int, c1: int) -> torch.Tensor:  # [n_seqs, c1 - c0, d]: once per sequence
+                entries = torch.arange(c0, c1, device=pos.device).expand(tile.n_seqs, -1)
+                return cache.gather_entries(idx_pool, seq_tables, entries)
+
+            ids, valid = self.indexer.select(index_q[0][rows], index_q[1][rows], visible, n, keys_of,
+                                             tile.n_seqs, reduce)
             pool = cache.c4_kv[self.layer]
         return cache.gather_entries(pool, tables, ids), valid

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.worker.input_batch import NO_SLOT, CompressPlan, ForwardBatch
+from engine.worker.input_batch import NO_SLOT, CompressPlan, ForwardBatch, runs_of
 from engine.worker.kv_cache import CSA_RATIO, HCA_RATIO, CacheShape
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -211,6 +211,7 @@ class BatchBuilder:
             logits_rows=put["logits_rows"](logits_rows),
             plans={m: CompressPlan.of(starts, ends, start_pos, end_pos, m) for m in (CSA_RATIO, HCA_RATIO)},
             max_end_pos=max_end,
+            runs=((Bp, 1),) if decode else runs_of([len(ch.token_ids) for ch in chunks]),
         )
 
     def _padding_row(self, in_step: set[int]) -> int:

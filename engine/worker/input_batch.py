@@ -34,6 +34,37 @@ class SeqView:
         return self.start_pos + self.num_tokens
 
 
+@dataclass(frozen=True)
+class QueryTile:
+    """``n_seqs`` consecutive sequences of the batch with ``rows_each`` query rows each (one
+    sequence's slice of a long chunk when ``n_seqs == 1``): the unit the torch attention path
+    reads keys for, so each sequence's compressed keys are read once per tile, not per query."""
+
+    row0: int
+    seq0: int
+    n_seqs: int
+    rows_each: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.row0, self.row0 + self.n_seqs * self.rows_each)
+
+    @property
+    def seqs(self) -> slice:
+        return slice(self.seq0, self.seq0 + self.n_seqs)
+
+
+def runs_of(lengths: list[int]) -> tuple[tuple[int, int], ...]:
+    """Consecutive sequences with equal query lengths: ``((count, length), ...)`` in batch order."""
+    runs: list[list[int]] = []
+    for n in lengths:
+        if runs and runs[-1][1] == n:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, n])
+    return tuple((c, n) for c, n in runs)
+
+
 @dataclass
 class CompressPlan:
     """The compressed entries a step may complete at one ratio ``m``: for every sequence, each
@@ -77,6 +108,7 @@ class ForwardBatch:
     logits_rows: torch.Tensor  # [R] rows whose next-token logits are wanted
     plans: dict[int, CompressPlan]  # ratio -> entries this step may complete
     max_end_pos: int  # host-side bound: longest sequence after this step (sizes the loops)
+    runs: tuple[tuple[int, int], ...]  # host-side ``runs_of`` the query lengths (shapes the query tiles)
     seqs: list[SeqView] | None = None  # the host views it was built from (for tools; the model never reads them)
 
     @property
@@ -90,7 +122,7 @@ class ForwardBatch:
     def shape_key(self) -> tuple:
         """Everything a captured forward's shapes depend on."""
         plans = tuple((m, p.seq.shape[0]) for m, p in sorted(self.plans.items()))
-        return tuple(tuple(t.shape) for _, t in self._tensors()) + plans + (self.max_end_pos,)
+        return tuple(tuple(t.shape) for _, t in self._tensors()) + plans + (self.max_end_pos, self.runs)
 
     def clone(self) -> "ForwardBatch":
         plans = {m: CompressPlan(p.seq.clone(), p.window.clone(), p.valid.clone()) for m, p in self.plans.items()}
@@ -112,6 +144,22 @@ class ForwardBatch:
     def max_entries(self, ratio: int) -> int:
         """Most compressed entries any sequence of the batch can see at ``ratio``."""
         return self.max_end_pos // ratio
+
+    def query_tiles(self, max_rows: int) -> list[QueryTile]:
+        """The batch's rows as tiles of at most ``max_rows`` rows (at least one sequence or one
+        row each): runs of equal-length sequences grouped, long chunks split into row slices."""
+        tiles, row, seq = [], 0, 0
+        for count, length in self.runs:
+            if length >= max_rows:
+                for s in range(seq, seq + count):
+                    for r in range(0, length, max_rows):
+                        tiles.append(QueryTile(row + (s - seq) * length + r, s, 1, min(max_rows, length - r)))
+            else:
+                per = max(1, max_rows // max(length, 1))
+                for s0 in range(0, count, per):
+                    tiles.append(QueryTile(row + s0 * length, seq + s0, min(per, count - s0), length))
+            row, seq = row + count * length, seq + count
+        return tiles
 
     def newest_rows(self, span: int) -> torch.Tensor:
         """[T] bool: the row is among the last ``span`` positions of its sequence after this step
@@ -144,6 +192,7 @@ class ForwardBatch:
             logits_rows=_long(logits_rows, device),
             plans={m: CompressPlan.of(starts, ends, start_pos, end_pos, m) for m in (CSA_RATIO, HCA_RATIO)},
             max_end_pos=max(ends, default=0),
+            runs=runs_of([len(t) for t in token_lists]),
             seqs=seqs,
         )
 
