@@ -39,11 +39,12 @@ def attention_bytes(keys_compressed: int, c: dict, bt: int) -> tuple[int, int]:
 
 
 def indexer_bytes(entries: int, c: dict, bt: int) -> tuple[int, int, int]:
-    """(query block, chunk, peak bytes) of one indexer chunk."""
+    """(query block, chunk, peak bytes) of one indexer chunk: a query tile of one sequence reads
+    that sequence's keys of the chunk once (``[1, C, d]``) for all its queries."""
     Q, _ = attention_bytes(min(c["topk"], entries), c, bt)
-    C = min(entries, max(c["topk"], WORKSPACE_ELEMENTS // (Q * (c["index_heads"] + c["index_dim"]))))
-    keys = Q * C * c["index_dim"] * (bt + 4)  # gathered (model dtype) and upcast
-    scores = Q * c["index_heads"] * C * 4 + 2 * Q * (c["topk"] + C) * (4 + 8)
+    C = min(entries, max(c["topk"], WORKSPACE_ELEMENTS // (Q * c["index_heads"] + c["index_dim"])))
+    keys = C * c["index_dim"] * (bt + 4)  # gathered (model dtype) and upcast, once per tile
+    scores = Q * c["index_heads"] * C * 4 + Q * C * 4 + 2 * Q * (c["topk"] + C) * (4 + 8)
     return Q, C, keys + scores
 
 
