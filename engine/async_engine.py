@@ -1,16 +1,21 @@
-"""AsyncEngine: the server-facing engine. The step loop runs in a background thread; each
-request's ``RequestOutput`` deltas are handed to a sink on the caller's event loop (``submit``;
-``generate`` wraps one in an async iterator). The text of each output is made there too, by the
-request's ``TextStream`` (detokenizing, stop strings), not on the loop thread.
+"""AsyncEngine: the server-facing engine. By default the ``EngineCore`` (scheduler, KV manager,
+model runner, TP rank 0) runs in its own spawned process (engine/engine_process.py) and this
+object talks to it over ZeroMQ (engine/engine_channel.py): commands go out, one frame per engine
+step comes back with every output of that step. ``engine_process=False`` (or an explicit
+``core``) keeps the old layout, the step loop in a background thread of this process (debugging).
 
-Only the loop thread touches the ``EngineCore``: ``generate`` and ``abort`` post commands to a
-thread-safe inbox that the loop drains between steps, so aborts land at step boundaries and
-the scheduler never sees concurrent mutation.
+Either way each request's ``RequestOutput`` deltas are handed to a sink on the caller's event
+loop (``submit``; ``generate`` wraps one in an async iterator), one wake-up per event loop per
+step; the text of each output is made there, by the request's ``TextStream`` (detokenizing,
+stop strings). Commands (add, abort, finish on a stop string) are drained by the engine between
+steps, so aborts land at step boundaries and the scheduler never sees concurrent mutation.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import pickle
 import queue
 import threading
 import time
@@ -19,6 +24,7 @@ from typing import AsyncIterator, Callable
 from engine.core.request import CacheHints
 from engine.engine_config import EngineConfig
 from engine.engine_core import EngineCore
+from engine import ipc
 from engine.outputs import RequestOutput, StepStats
 from engine.sampling_params import SamplingParams
 from engine.text_stream import TextStream
@@ -45,7 +51,9 @@ class AsyncEngine:
     be quick and thread-safe. A listener that raises is logged, never fatal."""
 
     def __init__(self, config: EngineConfig, max_queue: int = 1024, core: EngineCore | None = None,
-                 on_step: StepListener | None = None):
+                 on_step: StepListener | None = None, engine_process: bool | None = None):
+        """``engine_process``: run the core in its own process (default; DSV4_ENGINE_IN_PROCESS=1
+        or an explicit ``core`` switch it off)."""
         if on_step is not None and not callable(on_step):
             raise ValueError(f"on_step must be callable, got {type(on_step).__name__}")
         self.config = config
@@ -61,9 +69,19 @@ class AsyncEngine:
         self._stats: dict = {}
         self._stats_time = 0.0
         self._step_listeners: list[StepListener] = [on_step] if on_step is not None else []
+        if engine_process is None:
+            engine_process = core is None and os.environ.get("DSV4_ENGINE_IN_PROCESS", "") in ("", "0")
+        if engine_process and core is not None:
+            raise ValueError("an explicit core runs in this process: engine_process must be False")
+        self.engine_process = engine_process
+        self._channel = None  # EngineChannel, once the engine process started
+        self._remote: dict = {}  # what the engine process reported when ready
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
+        if self.engine_process:
+            await self._start_process()
+            return
         if self.core is None:
             # Model loading is slow and blocking: keep it off the event loop.
             self.core = await asyncio.to_thread(EngineCore, self.config)
@@ -79,6 +97,9 @@ class AsyncEngine:
             await asyncio.sleep(0.02)
         for rid in list(self._streams):
             self.abort(rid)
+        if self._channel is not None:
+            await asyncio.to_thread(self._channel.close)
+            return
         self._inbox.put(("stop",))
         self._wake.set()
         if self._thread is not None:
@@ -86,21 +107,45 @@ class AsyncEngine:
         if self.core is not None:
             self.core.shutdown()
 
+    async def _start_process(self) -> None:
+        from engine.default_model import default_model_dir
+        from engine.engine_channel import EngineChannel, RemoteCore
+        from engine.tokenizer import Tokenizer
+
+        channel = EngineChannel(self.config, self._on_frame, self._on_engine_lost)
+        _, model_config, max_model_len, defaults, has_tokenizer, stats = await asyncio.to_thread(channel.start)
+        self._channel = channel
+        self.core = RemoteCore(channel)
+        model_dir = self.config.model or default_model_dir()
+        # Tokenizing and detokenizing stay here: the server loads its own copy of the tokenizer.
+        tokenizer = await asyncio.to_thread(Tokenizer.from_dir, model_dir) if has_tokenizer else None
+        self._remote = dict(model_config=pickle.loads(model_config), max_model_len=max_model_len,
+                            generation_defaults=tuple(defaults), tokenizer=tokenizer)
+        self._stats = stats
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine process's pid (None in the in-process layout)."""
+        return self._channel.pid if self._channel is not None else None
+
+    def _engine_attr(self, name: str):
+        return self._remote[name] if self._channel is not None else getattr(self.core, name)
+
     @property
     def tokenizer(self):
-        return self.core.tokenizer
+        return self._engine_attr("tokenizer")
 
     @property
     def model_config(self):
-        return self.core.model_config
+        return self._engine_attr("model_config")
 
     @property
     def generation_defaults(self) -> tuple[float, float]:
-        return self.core.generation_defaults
+        return self._engine_attr("generation_defaults")
 
     @property
     def max_model_len(self) -> int:
-        return self.core.max_model_len
+        return self._engine_attr("max_model_len")
 
     @property
     def accepting(self) -> bool:
@@ -156,12 +201,11 @@ class AsyncEngine:
                 raise EngineOverloaded(f"too many requests in flight ({len(self._streams)} of {capacity}: "
                                        f"{self.config.max_num_seqs} running + {self.max_queue} queued); retry later")
             self._streams[request_id] = (asyncio.get_running_loop(), self._text_sink(request_id, prompt_ids, params, sink))
-        self._inbox.put(("add", request_id, list(prompt_ids), params, cache_salt, cache_hints, time.monotonic()))
-        self._wake.set()
+        self._post(("add", request_id, list(prompt_ids), params, cache_salt, cache_hints, time.monotonic()))
 
     def _text_sink(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: OutputSink) -> OutputSink:
         """``sink`` behind the request's TextStream; a stop string finishes the request in the core."""
-        text = TextStream(self.core.tokenizer, prompt_ids, params)
+        text = TextStream(self.tokenizer, prompt_ids, params)
 
         def deliver(item) -> None:
             if isinstance(item, BaseException):
@@ -170,8 +214,7 @@ class AsyncEngine:
                 return
             shown, stopped_now = text.apply(item)
             if stopped_now:
-                self._inbox.put(("finish", request_id, shown.finish_reason, shown.stop_reason))
-                self._wake.set()
+                self._post(("finish", request_id, shown.finish_reason, shown.stop_reason))
             if shown is not None:
                 sink(shown)
 
@@ -200,6 +243,8 @@ class AsyncEngine:
     async def run_in_engine_thread(self, fn: Callable[[EngineCore], object]):
         """``fn(core)`` on the loop thread between steps, its result (or exception) returned
         here: a consistent view of the scheduler and the cache (e.g. ``check_integrity``)."""
+        if self._channel is not None:  # in the engine process: ``fn`` must be picklable (module-level)
+            return await asyncio.wrap_future(self._channel.call(fn))
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._inbox.put(("call", fn, loop, future))
@@ -207,8 +252,36 @@ class AsyncEngine:
         return await future
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._post(("abort", request_id))
+
+    def _post(self, cmd: tuple) -> None:
+        """A command for the engine: over the channel to the engine process, or into the
+        loop thread's inbox (drained between steps either way)."""
+        if self._channel is not None:
+            self._channel.send(cmd)
+            return
+        self._inbox.put(cmd)
         self._wake.set()
+
+    # ---- frames from the engine process (its receiver thread) -------------------------------
+    def _on_frame(self, frame: list) -> None:
+        if frame[0] == ipc.STEP:
+            outputs, step_stats, errors, stats = ipc.decode_step(frame)
+            if stats is not None:
+                self._stats = stats
+            self._publish_step(step_stats)  # first, so metrics already count what clients get
+            for rid, message in errors:
+                self._deliver(rid, ValueError(message))
+            self._deliver_step(outputs)
+        elif frame[0] == ipc.DEAD:
+            self._on_engine_lost(frame[1])
+
+    def _on_engine_lost(self, message: str) -> None:
+        """The engine cannot step any more (a lost rank, the process gone): fail everything,
+        /health turns 503 with ``message``."""
+        if self.fatal_error is None:
+            self.fatal_error = message
+        self._fail_all(EngineDead(self.fatal_error))
 
     # ---- the loop thread -------------------------------------------------------------------
     def _loop(self) -> None:

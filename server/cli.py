@@ -103,6 +103,9 @@ def _add_serve(subparsers) -> None:
     engine.add_argument("--compile", action="store_true",
                         help="run decode steps through torch.compile(fullgraph=True) (any device)")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps on CUDA")
+    engine.add_argument("--engine-in-process", action="store_true",
+                        help="run the engine's step loop on a thread of the HTTP process instead of its own "
+                             "process (debugging; the default is a separate engine process)")
     engine.add_argument("--max-queue", type=int, default=1024,
                         help="waiting requests before new ones get HTTP 429")
     server = p.add_argument_group("server")
@@ -229,7 +232,8 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from server.app import create_app
     from server.lifecycle import build_server
 
-    app = create_app(AsyncEngine(engine_config, max_queue=max_queue), serve_config)
+    engine = AsyncEngine(engine_config, max_queue=max_queue, engine_process=False if args.engine_in_process else None)
+    app = create_app(engine, serve_config)
     server = build_server(app, serve_config.host, serve_config.port, serve_config.log_level,
                           serve_config.drain_timeout, serve_config.limits)
     server.run()  # returns after a drain (SIGTERM/SIGINT): exit status 0

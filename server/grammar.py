@@ -24,6 +24,13 @@ Policies:
 - JSON may put up to `MAX_WHITESPACE` whitespace characters between tokens (not unbounded).
 - A grammar that reached its end allows only EOS. Should the matcher ever reject a token (only
   possible if something bypassed the mask), the processor logs it and allows only EOS.
+
+Where the state lives: the server compiles every constraint (a bad schema is a 400 before the
+request is queued) and the processor runs where the logits are, in the engine process. A
+processor crosses to it as its recipe (what was compiled, from which arguments), never as
+xgrammar objects; the engine process compiles the recipe again with its own library over the
+same tokenizer (xgrammar's cache makes a repeated schema free) and keeps the matcher there, so
+masks cost no round trip per token.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ class Constraint:
     vocab_size: int
     token_bytes: list[bytes]  # what each token id spells (shared, read-only)
     reasoning_forbidden_ids: tuple[int, ...]  # EOS and ｜DSML｜: the reasoning must reach `</think>`
+    recipe: tuple = ()  # (library method name, its arguments): how another process rebuilds it
 
 
 class GrammarLibrary:
@@ -79,13 +87,21 @@ class GrammarLibrary:
         self._token_bytes = table.token_bytes
         self._lock = threading.Lock()
 
-    def _constraint(self, compile_it, forbidden) -> Constraint:
+    def _constraint(self, compile_it, forbidden, recipe: tuple) -> Constraint:
         try:
             with self._lock:  # one compile at a time; repeats are cache hits
                 compiled = compile_it()
         except (RuntimeError, ValueError, TypeError) as err:
             raise GrammarError(str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)) from None
-        return Constraint(compiled, forbidden, self.vocab_size, self._token_bytes, self._reasoning_forbidden)
+        return Constraint(compiled, forbidden, self.vocab_size, self._token_bytes, self._reasoning_forbidden,
+                          recipe)
+
+    def rebuild(self, recipe: tuple) -> Constraint:
+        """The constraint another library compiled from ``recipe`` (``Constraint.recipe``)."""
+        name, args = recipe
+        if name not in ("json_schema", "tool_calls"):
+            raise GrammarError(f"unknown grammar recipe {name!r}")
+        return getattr(self, name)(*args)
 
     def json_object(self) -> Constraint:
         return self.json_schema({"type": "object"}, strict=False)
@@ -93,7 +109,8 @@ class GrammarLibrary:
     def json_schema(self, schema: dict, strict: bool = True) -> Constraint:
         """`strict`: no properties or items beyond the schema's."""
         return self._constraint(lambda: self._compiler.compile_json_schema(
-            schema, strict_mode=strict, max_whitespace_cnt=MAX_WHITESPACE), self._json_forbidden)
+            schema, strict_mode=strict, max_whitespace_cnt=MAX_WHITESPACE), self._json_forbidden,
+            ("json_schema", (schema, strict)))
 
     def tool_calls(self, tools: list[dict], tool_choice) -> Constraint:
         """`tool_choice`: "auto", "required" or {"type": "function", "function": {"name"}}."""
@@ -101,7 +118,7 @@ class GrammarLibrary:
             tag = xgr.get_model_structural_tag("deepseek_v4", tools=tools, tool_choice=tool_choice,
                                                reasoning="disabled", max_whitespace_cnt=MAX_WHITESPACE)
             return self._compiler.compile_structural_tag(tag)
-        return self._constraint(compile_it, self._markup_forbidden)
+        return self._constraint(compile_it, self._markup_forbidden, ("tool_calls", (tools, tool_choice)))
 
 
 class GrammarProcessor:
@@ -109,6 +126,7 @@ class GrammarProcessor:
     `Constraint`. Stateful: it follows the tokens generated since its previous call."""
 
     def __init__(self, constraint: Constraint, think_end_id: int | None = None):
+        self._recipe = constraint.recipe
         self._matcher = xgr.GrammarMatcher(constraint.compiled)
         self._bitmask = xgr.allocate_token_bitmask(1, constraint.vocab_size)
         self._forbidden = torch.tensor(constraint.forbidden_ids, dtype=torch.long)
@@ -120,6 +138,12 @@ class GrammarProcessor:
         self._num_seen = 0
         self._lost = False
         self._pending: tuple[int, Future] | None = None  # (tokens covered, mask being filled)
+
+    def __reduce__(self):
+        # A fresh processor only: one that has seen tokens holds matcher state a recipe lacks.
+        if self._num_seen:
+            raise TypeError("a GrammarProcessor that has started cannot be moved to another process")
+        return _processor_in_this_process, (self._recipe, self._think_end_id)
 
     @property
     def is_completed(self) -> bool:
@@ -189,3 +213,24 @@ class GrammarProcessor:
             _, future = self._pending
             self._pending = None
             future.result()
+
+
+_process_library: GrammarLibrary | None = None
+_process_library_lock = threading.Lock()
+
+
+def _processor_in_this_process(recipe: tuple, think_end_id: int | None) -> GrammarProcessor:
+    """Unpickling a processor in the engine process: compile its recipe with this process's
+    library, built once over the engine's own tokenizer (the server's vocabulary: same files)."""
+    global _process_library
+    from engine.engine_process import process_core
+    from server.token_table import TokenTable
+
+    with _process_library_lock:
+        if _process_library is None:
+            core = process_core()
+            if core is None or core.tokenizer is None:
+                raise RuntimeError("a grammar processor needs the engine process's tokenizer")
+            _process_library = GrammarLibrary(TokenTable(core.tokenizer), core.tokenizer.control_ids,
+                                              getattr(core.model_config, "vocab_size", None))
+    return GrammarProcessor(_process_library.rebuild(recipe), think_end_id)
