@@ -269,7 +269,8 @@ class AsyncEngine:
             outputs, step_stats, errors, stats = ipc.decode_step(frame)
             if stats is not None:
                 self._stats = stats
-            self._publish_step(step_stats)  # first, so metrics already count what clients get
+            if step_stats is not None:  # None: a frame of refused requests only, no step ran
+                self._publish_step(step_stats)  # first, so metrics already count what clients get
             for rid, message in errors:
                 self._deliver(rid, ValueError(message))
             self._deliver_step(outputs)

@@ -88,7 +88,7 @@ class _EngineLoop:
                 return
             if self.dead or not core.has_unfinished():
                 if self.errors:
-                    self._send_step([], core.last_step_stats, None)
+                    self._send_step([], None, None)  # refusals only: no step ran, no stats (they are deltas)
                 if self.commands.poll(IDLE_POLL_MS) == 0 and os.getppid() != self.parent_pid:
                     log.warning("the server process is gone: stopping")
                     return

@@ -93,13 +93,13 @@ def plain_keys(obj):
     return obj
 
 
-def encode_step(outputs: list[RequestOutput], stats: StepStats, errors: list, scheduler_stats: dict | None) -> bytes:
+def encode_step(outputs: list[RequestOutput], stats: StepStats | None, errors: list, scheduler_stats: dict | None) -> bytes:
     """One frame per engine step: every output, the step's stats, requests the core refused
     ([request id, message]) and, when refreshed, the scheduler stats (tuple keys spelled out)."""
-    return pack([STEP, [_encode_output(o) for o in outputs], _encode_stats(stats), errors,
+    return pack([STEP, [_encode_output(o) for o in outputs], None if stats is None else _encode_stats(stats), errors,
                  None if scheduler_stats is None else plain_keys(scheduler_stats)])
 
 
-def decode_step(frame: list) -> tuple[list[RequestOutput], StepStats, list, dict | None]:
+def decode_step(frame: list) -> tuple[list[RequestOutput], StepStats | None, list, dict | None]:
     _, outs, stats, errors, scheduler_stats = frame
-    return [_decode_output(o) for o in outs], _decode_stats(stats), errors, scheduler_stats
+    return [_decode_output(o) for o in outs], None if stats is None else _decode_stats(stats), errors, scheduler_stats
