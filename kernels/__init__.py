@@ -1,38 +1,16 @@
-"""Fused ops, each a Triton kernel beside a plain-torch twin, behind one dispatch policy.
-
-Policy: Triton for CUDA tensors, the torch twin otherwise. ``DSV4_KERNELS=torch|triton`` forces
-one side (for tests and debugging); forcing Triton on CPU tensors needs ``TRITON_INTERPRET=1``
-set before ``kernels`` is first imported (the interpreter is chosen when kernels are decorated).
+"""Fused ops, each a Triton kernel beside a plain-torch twin, behind one dispatch policy
+(``kernels.policy``), each kernel a torch custom op (``kernels.ops``, ``torch.ops.dsv4.*``).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
 from kernels import indexer as _idx
+from kernels import ops as _ops
 from kernels import sink_attention as _sink
 from kernels import sparse_attention as _sparse
 from kernels.kv_records import FP4_KEY, FP8_ENTRY, PLAIN
-
-BACKEND_ENV = "DSV4_KERNELS"
-BACKENDS = ("torch", "triton")
-
-
-def backend_for(t: torch.Tensor) -> str:
-    """``"triton"`` or ``"torch"``: which implementation an op on ``t`` runs."""
-    forced = os.environ.get(BACKEND_ENV, "")
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {forced!r}")
-        return forced
-    return "triton" if t.is_cuda else "torch"
-
-
-def _check_triton_runs_on(t: torch.Tensor) -> None:
-    if not t.is_cuda and not _sink.INTERPRETED:
-        raise RuntimeError("Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
-                           "importing kernels, to run on CPU")
+from kernels.policy import BACKEND_ENV, backend_for
 
 
 def sink_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor,
@@ -40,10 +18,7 @@ def sink_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, sink
     """Decode attention with per-head sinks, V = K: ``q [B, H, D]``, ``keys [B, K, D]``,
     ``mask [B, K]`` bool, ``sinks [H]`` → ``[B, H, D]`` in keys' dtype."""
     _sink.check_sink_attention_args(q, keys, mask, sinks)
-    if backend_for(q) == "triton":
-        _check_triton_runs_on(q)
-        return _sink.sink_attention_triton(q, keys, mask, sinks, scale)
-    return _sink.sink_attention_torch(q, keys, mask, sinks, scale)
+    return _ops.sink_attention(q, keys, mask, sinks, float(scale))
 
 
 def indexer_topk(q: torch.Tensor, w: torch.Tensor, seq: torch.Tensor, visible: torch.Tensor, tables: torch.Tensor,
@@ -58,12 +33,11 @@ def indexer_topk(q: torch.Tensor, w: torch.Tensor, seq: torch.Tensor, visible: t
     _idx.check_indexer_args(q, w, seq, visible, tables, pool, fmt, topk)
     Q, H, D = q.shape
     if backend_for(q) == "triton":
-        _check_triton_runs_on(q)
-        score, chunk = _idx.indexer_scores_triton, workspace_elements // max(1, Q)
+        chunk = workspace_elements // max(1, Q)
     else:  # the twin gathers [Q, chunk, dim] keys and forms [Q, H, chunk] scores
-        score, chunk = _idx.indexer_scores_torch, workspace_elements // max(1, Q * (H + D))
-    return _idx.indexer_topk(lambda c0, c1: score(q, w, seq, visible, tables, pool, fmt, c0, c1), Q, visible,
-                             num_entries, topk, chunk, reduce)
+        chunk = workspace_elements // max(1, Q * (H + D))
+    return _idx.indexer_topk(lambda c0, c1: _ops.indexer_scores(q, w, seq, visible, tables, pool, fmt, c0, c1), Q,
+                             visible, num_entries, topk, chunk, reduce)
 
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, seq: torch.Tensor, positions: torch.Tensor,
@@ -78,12 +52,8 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, seq: torch.Tensor, posit
     fmt = FP8_ENTRY if fp8 else PLAIN
     _sparse.check_sparse_attention_args(q, kv, seq, positions, start_pos, window_slots, window_pool, sinks, cos,
                                         sin, fmt, comp_pool, tables, comp_ids, comp_valid, ratio)
-    impl = _sparse.sparse_attention_torch
-    if backend_for(q) == "triton":
-        _check_triton_runs_on(q)
-        impl = _sparse.sparse_attention_triton
-    return impl(q, kv, seq, positions, start_pos, window_slots, window_pool, sinks, scale, cos, sin, fmt,
-                comp_pool, tables, comp_ids, comp_valid, ratio, num_entries)
+    return _ops.sparse_attention(q, kv, seq, positions, start_pos, window_slots, window_pool, sinks, float(scale),
+                                 cos, sin, fmt, comp_pool, tables, comp_ids, comp_valid, int(ratio), num_entries)
 
 
 __all__ = ["BACKEND_ENV", "backend_for", "indexer_topk", "sink_attention", "sparse_attention"]
