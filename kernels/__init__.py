@@ -18,6 +18,8 @@ def sink_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, sink
     """Decode attention with per-head sinks, V = K: ``q [B, H, D]``, ``keys [B, K, D]``,
     ``mask [B, K]`` bool, ``sinks [H]`` → ``[B, H, D]`` in keys' dtype."""
     _sink.check_sink_attention_args(q, keys, mask, sinks)
+    if backend_for(q) == "torch":  # plain torch: differentiable (train-demo) and fusable by Inductor
+        return _sink.sink_attention_torch(q, keys, mask, sinks, float(scale))
     return _ops.sink_attention(q, keys, mask, sinks, float(scale))
 
 
