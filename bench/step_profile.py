@@ -187,6 +187,22 @@ class FixedLogitsModel(nn.Module):
         return self.logits[: hidden.shape[0]]
 
 
+def calibration_ms(repeats: int = 7) -> float:
+    """Median time of a fixed pure-Python workload in this process: this box's speed differs by
+    up to 2x between processes (the same code, minutes apart), so host times are reported beside it."""
+    def work():
+        d = {}
+        for i in range(20000):
+            d[i & 255] = d.get(i & 255, 0) + i
+        return d
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
 def host_step_time(model_dir: str, seqs: int, steps: int) -> dict:
     llm = LLM(model_dir, max_num_seqs=seqs, max_num_batched_tokens=max(4096, seqs),
               enable_prefix_cache=False, kv_cache_memory=512 * 1024 * 1024)
@@ -215,7 +231,7 @@ def host_step_time(model_dir: str, seqs: int, steps: int) -> dict:
     def median_ms(xs):
         return 1e3 * sorted(xs)[len(xs) // 2]
     return {"seqs": seqs, "steps": steps, "median_ms": median_ms(times), "mean_ms": 1e3 * sum(times) / len(times),
-            "runner_median_ms": median_ms(runner_times[-steps:])}
+            "runner_median_ms": median_ms(runner_times[-steps:]), "calibration_ms": calibration_ms()}
 
 
 def main() -> None:
@@ -225,12 +241,13 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=200, help="prompt tokens (past one CSA/indexer top-k)")
     ap.add_argument("--host-seqs", type=int, default=256)
     ap.add_argument("--host-steps", type=int, default=30)
+    ap.add_argument("--host-only", action="store_true", help="only the host step time (no op counting)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_model(tmp)
-        rows = [profile_decode(model_dir, b, args.prompt_len) for b in args.batch_sizes]
+        rows = [] if args.host_only else [profile_decode(model_dir, b, args.prompt_len) for b in args.batch_sizes]
         host = host_step_time(model_dir, args.host_seqs, args.host_steps)
     if args.json:
         print(json.dumps({"decode": rows, "host": host}, indent=2))
@@ -244,7 +261,8 @@ def main() -> None:
     print(f"host step time at {host['seqs']} sequences (stub model, {host['steps']} steps): "
           f"median {host['median_ms']:.2f} ms, mean {host['mean_ms']:.2f} ms; of which the model runner "
           f"(batch build + stub forward + sample) median {host['runner_median_ms']:.2f} ms, the rest is the "
-          f"scheduler/KV manager, detokenizer and outputs")
+          f"scheduler/KV manager, detokenizer and outputs; calibration loop {host['calibration_ms']:.2f} ms "
+          f"(this process's speed: compare runs by it)")
 
 
 if __name__ == "__main__":

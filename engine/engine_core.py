@@ -18,9 +18,10 @@ from engine.default_model import default_model_dir
 from engine.engine_config import EngineConfig
 from engine.worker.checkpoint_io import export_units, import_units, layout_signature
 from engine.worker.kv_cache import CacheShape
+from engine.worker.model_runner import SampledTokens
 from engine.core.checkpoint_store import CheckpointStore
 from engine.core.kv_cache_manager import KVCacheManager
-from engine.outputs import RequestMetrics, RequestOutput, StepStats, TokenLogprob
+from engine.outputs import RequestMetrics, RequestOutput, StepStats
 from engine.core.request import CacheHints, Request
 from engine.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerConfig
@@ -192,7 +193,7 @@ class EngineCore:
             self._run_transfers()
             if sched_out.is_empty and self.kv_manager.has_pending_loads():
                 time.sleep(0.001)  # only waiting for disk reads: do not spin the loop
-        sampled = {}
+        sampled = SampledTokens()
         if not sched_out.is_empty:
             try:
                 sampled = self.runner.execute(sched_out, self.scheduler.requests)
@@ -203,24 +204,24 @@ class EngineCore:
                 outputs += self._fail_step(sched_out, f"internal error during generation: {e}")
                 self.last_step_stats = self._step_stats(sched_out.num_batched_tokens, 0, 0)
                 return outputs
-        deltas = self.scheduler.update(sched_out, {k: v.token_id for k, v in sampled.items()})
+        deltas = self.scheduler.update(sched_out, sampled.token_ids)
         num_prompt_tokens = num_generation_tokens = 0
-        for delta in deltas:
-            req = self._requests.get(delta.request_id)
+        requests, output, append = self._requests, self._output, outputs.append
+        for delta in deltas:  # per sequence per step: keep it lean
+            req = requests.get(delta.request_id)
             if req is None:
                 continue
-            num_generation_tokens += len(delta.new_token_ids)
-            if delta.new_token_ids and req.num_output_tokens == len(delta.new_token_ids):
-                num_prompt_tokens += req.num_prompt_tokens  # prefill done (once: not again after a preemption)
-            finished, reason, stop_reason = delta.finished, delta.finish_reason, delta.stop_reason
-            logprobs = None
-            if req.sampling_params.logprobs is not None and delta.request_id in sampled:
-                s = sampled[delta.request_id]
-                logprobs = [TokenLogprob(s.token_id, s.logprob, list(s.top_logprobs or []))]
-            outputs.append(self._output(req, delta.new_token_ids, reason if finished else None,
-                                        finished=finished, stop_reason=stop_reason, logprobs=logprobs))
-            if finished:
+            new_ids = delta.new_token_ids
+            num_generation_tokens += len(new_ids)
+            if new_ids and len(req.output_token_ids) == len(new_ids):
+                num_prompt_tokens += len(req.prompt_token_ids)  # prefill done (once: not again after a preemption)
+            logprob = sampled.logprobs.get(delta.request_id) if sampled.logprobs else None
+            logprobs = None if logprob is None else [logprob]
+            if delta.finished:
+                append(output(req, new_ids, delta.finish_reason, stop_reason=delta.stop_reason, logprobs=logprobs))
                 self._forget(delta.request_id)
+            else:
+                append(output(req, new_ids, None, finished=False, logprobs=logprobs))
         self.last_step_stats = self._step_stats(sched_out.num_batched_tokens, num_prompt_tokens,
                                                 num_generation_tokens)
         return outputs
@@ -271,19 +272,19 @@ class EngineCore:
         self._requests.pop(request_id, None)
         self.runner.release(request_id)
 
-    def _output(self, req: Request, new_ids, reason, finished=True, stop_reason=None, logprobs=None):
-        reason = reason.value if hasattr(reason, "value") else reason
-        return RequestOutput(
-            request_id=req.request_id, new_token_ids=list(new_ids), new_text="", finished=finished,
-            finish_reason=reason if finished else None,
-            stop_reason=stop_reason if finished else None,
-            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(0, req.num_cached_tokens),
-            miss_reason=str(req.miss_reason.value if hasattr(req.miss_reason, "value") else req.miss_reason)
-            if req.miss_reason else None,
-            num_output_tokens=req.num_output_tokens, logprobs=logprobs,
-            metrics=RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
-                                   req.finished_time, req.num_preemptions),
-        )
+    @staticmethod
+    def _output(req: Request, new_ids, reason, finished=True, stop_reason=None, logprobs=None):
+        if finished:
+            reason = getattr(reason, "value", reason)
+        else:
+            reason = stop_reason = None
+        miss = req.miss_reason
+        if miss is not None:
+            miss = str(getattr(miss, "value", miss))
+        cached = req.num_cached_tokens
+        return RequestOutput(  # positional: this runs once per sequence per step
+            req.request_id, list(new_ids), "", finished, reason, stop_reason, len(req.prompt_token_ids),
+            cached if cached > 0 else 0, miss or None, len(req.output_token_ids), logprobs, _metrics(req))
 
     def stats(self) -> dict:
         return self.scheduler.stats()
@@ -300,6 +301,17 @@ class EngineCore:
             store.close()
         if hasattr(self.runner, "shutdown"):
             self.runner.shutdown()
+
+
+def _metrics(req: Request) -> RequestMetrics:
+    """The request's timestamps so far. Between stamps every output shares one (never mutated:
+    consumers `replace` it), so a decode step builds no metrics object per sequence."""
+    m = req.metrics_snapshot
+    if m is None or m.first_token_time != req.first_token_time or m.finished_time != req.finished_time \
+            or m.num_preemptions != req.num_preemptions or m.first_scheduled_time != req.first_scheduled_time:
+        m = req.metrics_snapshot = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
+                                                  req.finished_time, req.num_preemptions)
+    return m
 
 
 def cache_fingerprint(model_dir: str, dtype: torch.dtype, kv_cache_dtype: str, layout: CacheLayout,

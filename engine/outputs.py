@@ -11,7 +11,7 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), most likely first
 
 
-@dataclass
+@dataclass(frozen=True)  # shared by a request's outputs (EngineCore._metrics): replace, never mutate
 class RequestMetrics:
     arrival_time: float
     first_scheduled_time: float | None = None

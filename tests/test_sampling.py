@@ -227,3 +227,17 @@ def test_sampler_rejects_mismatched_inputs():
         sampler.sample(torch.zeros(2, 4), [SamplingParams()] * 2, [None])
     with pytest.raises(ValueError, match="logits"):
         sampler.sample(torch.zeros(4), [SamplingParams()], [None])
+
+
+def test_first_argmax_is_argmax_with_ties_nan_and_inf():
+    """The greedy pick (max(dim=-1).indices, faster on CPU) keeps argmax's first-index rule."""
+    from engine.worker.sampler import first_argmax
+
+    g = torch.Generator().manual_seed(0)
+    for vocab in (7, 1024, 4099):
+        ties = torch.randint(0, 3, (33, vocab), generator=g).float()
+        assert torch.equal(first_argmax(ties), ties.argmax(dim=-1))
+        special = torch.randn(8, vocab, generator=g)
+        special[:4, [vocab // 3, vocab // 2]] = float("nan")
+        special[4:, [vocab // 3, vocab - 1]] = float("inf")
+        assert torch.equal(first_argmax(special), special.argmax(dim=-1))

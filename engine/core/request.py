@@ -110,6 +110,8 @@ class Request:
     finish_reason: FinishReason | None = None
     # Extra detail on the finish: the stop token id, the stop string, or an error message.
     stop_reason: int | str | None = None
+    # The engine's last RequestMetrics of these stamps, shared by outputs until one changes.
+    metrics_snapshot: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:

@@ -257,13 +257,20 @@ class Scheduler:
             elif ahead > 1:
                 prefills.append(r)
         running = RequestStatus.RUNNING
+        ensure_capacity, live_table, chunks = self.kv.ensure_capacity, self.kv.live_table, plan.chunks
         for request in decodes:  # one token each: no chunking rule can shorten it
             if plan.budget == 0:
                 return
             if request.status is not running:  # preempted earlier in this step
                 continue
-            if self._reserve(request, 1, plan):
-                self._add_decode(request, plan)
+            # `_reserve` only when blocks are short (it may preempt); the chunk is the one token a
+            # decode feeds, its last known token. This loop runs for every running sequence every step.
+            if ensure_capacity(request, 1) or self._reserve(request, 1, plan):
+                request_id = request.request_id
+                token = (request.output_token_ids or request.prompt_token_ids)[-1]
+                chunks[request_id] = ScheduledChunk(request_id, [token], request.num_computed_tokens, True,
+                                                    live_table(request_id))
+                plan.budget -= 1
         for request in prefills:
             if plan.budget == 0:
                 return
@@ -400,14 +407,6 @@ class Scheduler:
             block_table=self.kv.live_table(request.request_id),
         )
         plan.budget -= num_tokens
-
-    def _add_decode(self, request: Request, plan: _StepPlan) -> None:
-        """`_add_chunk` of the one token a running decode feeds: its last known token."""
-        request_id = request.request_id
-        token = (request.output_token_ids or request.prompt_token_ids)[-1]
-        plan.chunks[request_id] = ScheduledChunk(request_id, [token], request.num_computed_tokens, True,
-                                                 self.kv.live_table(request_id))
-        plan.budget -= 1
 
     # ---- finishing ------------------------------------------------------------------------------
 

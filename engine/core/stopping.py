@@ -20,16 +20,19 @@ from engine.core.request import Request, RequestStatus
 def token_stop(request: Request, token: int, max_model_len: int | None) -> tuple[RequestStatus | None, int | None]:
     """(terminal status, stop token id or None) if `token`, just appended, ends the request."""
     params = request.sampling_params
-    num_output = request.num_output_tokens
-    if num_output >= (getattr(params, "min_tokens", 0) or 0):
+    num_output = len(request.output_token_ids)
+    stop_ids = getattr(params, "stop_token_ids", None)
+    # EOS and stop ids are rare: test them first, the rest of the rules only when they match.
+    if (token == request.eos_token_id or stop_ids and token in stop_ids) \
+            and num_output >= (getattr(params, "min_tokens", 0) or 0):
         if token == request.eos_token_id and not getattr(params, "ignore_eos", False):
             return RequestStatus.FINISHED_STOPPED, None
-        if token in (getattr(params, "stop_token_ids", None) or ()):
+        if stop_ids and token in stop_ids:
             return RequestStatus.FINISHED_STOPPED, token
     max_tokens = getattr(params, "max_tokens", None)
     if max_tokens is not None and num_output >= max_tokens:
         return RequestStatus.FINISHED_LENGTH, None
-    if max_model_len is not None and request.num_tokens >= max_model_len:
+    if max_model_len is not None and len(request.prompt_token_ids) + num_output >= max_model_len:
         return RequestStatus.FINISHED_LENGTH, None
     return None, None
 

@@ -40,7 +40,7 @@ from engine.model.config import ModelConfig
 from engine.model.deepseek_v4 import DeepseekV4
 from engine.model.sharding import validate_parallel
 from engine.worker.kv_cache import CacheShape
-from engine.worker.model_runner import ModelRunner, SampleResult
+from engine.worker.model_runner import ModelRunner, SampledTokens
 
 __all__ = ["ParallelModelRunner", "ParallelWorkerError", "RankMemory"]
 
@@ -153,7 +153,7 @@ class ParallelModelRunner:
     def forward(self, chunks, copies_before=(), copies_after=()) -> torch.Tensor | None:
         return self._runner.forward(chunks, copies_before, copies_after)
 
-    def execute(self, sched_out, requests: dict) -> dict[str, SampleResult]:
+    def execute(self, sched_out, requests: dict) -> SampledTokens:
         return self._runner.execute(sched_out, requests)
 
     def release(self, request_id: str) -> None:

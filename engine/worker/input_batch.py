@@ -77,16 +77,24 @@ class CompressPlan:
     valid: torch.Tensor  # [E] bool
 
     @classmethod
+    def one_each(cls, start_pos: torch.Tensor, end_pos: torch.Tensor, ratio: int,
+                 seq: torch.Tensor | None = None) -> "CompressPlan":
+        """One candidate window per sequence (every decode step): the window holding its token.
+        ``seq``: ``arange(B)`` when the caller has one."""
+        window = start_pos // ratio
+        if seq is None:
+            seq = torch.arange(start_pos.shape[0], device=start_pos.device)
+        return cls(seq, window, (window + 1) * ratio <= end_pos)
+
+    @classmethod
     def of(cls, starts: list[int], ends: list[int], start_pos: torch.Tensor, end_pos: torch.Tensor,
            ratio: int) -> "CompressPlan":
         """From the host-side bounds (which fix the entry count) and their device copies."""
         dev = start_pos.device
         counts = [(e - 1) // ratio - s // ratio + 1 for s, e in zip(starts, ends)]
         total = sum(counts)
-        if total == len(starts) and min(counts, default=1) == 1:  # one window each (decode steps): no repeat
-            seq = torch.arange(total, device=dev)
-            window = start_pos // ratio
-            return cls(seq, window, (window + 1) * ratio <= end_pos)
+        if total == len(starts) and min(counts, default=1) == 1:  # one window each: no repeat
+            return cls.one_each(start_pos, end_pos, ratio)
         counts_t = _long(counts, dev)
         seq = torch.repeat_interleave(torch.arange(len(starts), device=dev), counts_t, output_size=total)
         window = start_pos[seq] // ratio + torch.arange(total, device=dev) - (counts_t.cumsum(0) - counts_t)[seq]

@@ -7,13 +7,14 @@ last known token, and returns what was sampled. It never decides anything about 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.model.config import ModelConfig
 from engine.model.deepseek_v4 import DeepseekV4, Parallel
 from engine.model.loader import load_weights
+from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.worker.batch_builder import BatchBuilder
 from engine.worker.input_batch import ForwardBatch
@@ -25,10 +26,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SampleResult:
-    token_id: int
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
+class SampledTokens:
+    """What a step sampled: the token of every sampling chunk's request, and the raw logprobs of
+    the requests that asked for them (dicts built at C speed: this runs every step)."""
+
+    token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -78,21 +81,22 @@ class ModelRunner:
         return logits
 
     @torch.inference_mode()
-    def execute(self, sched_out, requests: dict) -> dict[str, SampleResult]:
+    def execute(self, sched_out, requests: dict) -> SampledTokens:
         _prepare_logits_processors(sched_out.chunks, requests)
         logits = self.forward(sched_out.chunks, sched_out.copies_before, sched_out.copies_after)
-        sampling = [ch for ch in sched_out.chunks if ch.sample]
+        sampling = [ch.request_id for ch in sched_out.chunks if ch.sample]
         if not sampling:
-            return {}
-        params: list[SamplingParams] = [requests[ch.request_id].sampling_params for ch in sampling]
-        for i, (ch, p) in enumerate(zip(sampling, params)):
+            return SampledTokens()
+        params: list[SamplingParams] = [requests[rid].sampling_params for rid in sampling]
+        for i, (rid, p) in enumerate(zip(sampling, params)):
             for proc in p.logits_processors:
-                logits[i] = proc(requests[ch.request_id].output_token_ids, logits[i])
-        gens = [None if p.seed is None or p.greedy else self._generator(ch.request_id, p)
-                for ch, p in zip(sampling, params)]
+                logits[i] = proc(requests[rid].output_token_ids, logits[i])
+        gens = [None if p.seed is None or p.greedy else self._generator(rid, p) for rid, p in zip(sampling, params)]
         out = self.sampler.sample(logits, params, gens)
-        return {ch.request_id: SampleResult(token, logprob, top)
-                for ch, token, logprob, top in zip(sampling, out.token_ids, out.logprobs, out.top_logprobs)}
+        return SampledTokens(
+            dict(zip(sampling, out.token_ids)),
+            {sampling[i]: TokenLogprob(out.token_ids[i], out.logprobs[i], list(out.top_logprobs[i] or []))
+             for i in out.logprob_rows})
 
     def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
         if params.seed is None or params.greedy:
