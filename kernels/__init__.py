@@ -47,15 +47,17 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, seq: torch.Tensor, posit
                      sinks: torch.Tensor, scale: float, cos: torch.Tensor, sin: torch.Tensor, *, fp8: bool = False,
                      comp_pool: torch.Tensor | None = None, tables: torch.Tensor | None = None,
                      comp_ids: torch.Tensor | None = None, comp_valid: torch.Tensor | None = None, ratio: int = 0,
-                     num_entries: int | None = None) -> torch.Tensor:
+                     num_entries: int | None = None, window: int | None = None) -> torch.Tensor:
     """Sink attention of a flat varlen batch over the window ring and the compressed pools, read in
     place (``fp8``: packed FP8 entry records), inverse RoPE applied: ``[T, H, D]`` in q's dtype.
-    See ``kernels/sparse_attention.py`` for the argument contract."""
+    ``window``: keys per query from the window (default: the ring's rows; smaller when the ring
+    has speculative slack). See ``kernels/sparse_attention.py`` for the argument contract."""
     fmt = FP8_ENTRY if fp8 else PLAIN
     _sparse.check_sparse_attention_args(q, kv, seq, positions, start_pos, window_slots, window_pool, sinks, cos,
                                         sin, fmt, comp_pool, tables, comp_ids, comp_valid, ratio)
     return _ops.sparse_attention(q, kv, seq, positions, start_pos, window_slots, window_pool, sinks, float(scale),
-                                 cos, sin, fmt, comp_pool, tables, comp_ids, comp_valid, int(ratio), num_entries)
+                                 cos, sin, fmt, comp_pool, tables, comp_ids, comp_valid, int(ratio), num_entries,
+                                 window_pool.shape[1] if window is None else int(window))
 
 
 __all__ = ["BACKEND_ENV", "backend_for", "indexer_topk", "sink_attention", "sparse_attention"]

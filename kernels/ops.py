@@ -44,13 +44,14 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, seq: torch.Tensor, posit
                      start_pos: torch.Tensor, window_slots: torch.Tensor, window_pool: torch.Tensor,
                      sinks: torch.Tensor, scale: float, cos: torch.Tensor, sin: torch.Tensor, fmt: int,
                      comp_pool: torch.Tensor | None, tables: torch.Tensor | None, comp_ids: torch.Tensor | None,
-                     comp_valid: torch.Tensor | None, ratio: int, num_entries: int | None) -> torch.Tensor:
+                     comp_valid: torch.Tensor | None, ratio: int, num_entries: int | None,
+                     window: int) -> torch.Tensor:
     impl = _sparse.sparse_attention_triton if use_triton(q) else _sparse.sparse_attention_torch
     return impl(q, kv, seq, positions, start_pos, window_slots, window_pool, sinks, scale, cos, sin, fmt,
-                comp_pool, tables, comp_ids, comp_valid, ratio, num_entries)
+                comp_pool, tables, comp_ids, comp_valid, ratio, num_entries, window)
 
 
 @sparse_attention.register_fake
 def _(q, kv, seq, positions, start_pos, window_slots, window_pool, sinks, scale, cos, sin, fmt,
-      comp_pool, tables, comp_ids, comp_valid, ratio, num_entries):
+      comp_pool, tables, comp_ids, comp_valid, ratio, num_entries, window):
     return torch.empty_like(q)

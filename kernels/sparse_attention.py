@@ -3,7 +3,8 @@
 Query row ``t`` (sequence ``s = seq[t]``, position ``p = positions[t]``) attends to
 - the window: positions ``p, p-1, …, p-W+1`` (those ``>= 0``); a position of this step
   (``>= start_pos[s]``) is this step's row ``kv[t - j]``, an older one the ring row
-  ``window_pool[window_slots[s], pos % W]``;
+  ``window_pool[window_slots[s], pos % R]``, R = the ring's rows (``W`` = ``window``, default R;
+  a ring with speculative slack has R > W rows, so rejected draft writes never clobber a live row);
 - the compressed part, read through the block tables ``tables[s]`` from ``comp_pool``: on CSA
   layers the entries ``comp_ids[t]`` where ``comp_valid[t]`` (the indexer's top-k), on HCA layers
   every entry ``e < (p + 1) // ratio``;
@@ -90,16 +91,16 @@ def _inverse_rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
 
 def sparse_attention_torch(q, kv, seq, positions, start_pos, window_slots, window_pool, sinks, scale, cos, sin,
                            fmt=PLAIN, comp_pool=None, tables=None, comp_ids=None, comp_valid=None, ratio=0,
-                           num_entries=None):
+                           num_entries=None, window=None):
     """Twin: gathered window (+ compressed) keys, ``sink_attention_torch``, inverse RoPE."""
     T, H, D = q.shape
     rope = 2 * cos.shape[1]
-    W = window_pool.shape[1]
-    back = torch.arange(W, device=q.device)
+    R = window_pool.shape[1]
+    back = torch.arange(R if window is None else window, device=q.device)
     kpos = positions[:, None] - back
     in_step = (kpos >= start_pos[seq][:, None])[..., None]
     step = kv[(torch.arange(T, device=q.device)[:, None] - back).clamp(min=0)]
-    ring = decode_rows(window_pool[window_slots[seq][:, None], kpos % W], fmt, D, rope, q.dtype)
+    ring = decode_rows(window_pool[window_slots[seq][:, None], kpos % R], fmt, D, rope, q.dtype)
     keys, mask = torch.where(in_step, step, ring), kpos >= 0
     if comp_pool is not None:
         if comp_ids is None:
@@ -141,7 +142,7 @@ def _online_update(q_e, q_o, k_e, k_o, visible, m_i, l_i, acc_e, acc_o, scale):
 def _sparse_attention_kernel(
     q_ptr, kv_ptr, seq_ptr, pos_ptr, start_ptr, wslot_ptr, win_ptr, sink_ptr, cos_ptr, sin_ptr,
     comp_ptr, table_ptr, ids_ptr, valid_ptr, out_ptr,
-    H, D, W, K, ratio, E, n_cols, pad_row, scale,
+    H, D, W, RING, K, ratio, E, n_cols, pad_row, scale,
     stride_qt, stride_qh, stride_qd, stride_kvt, stride_kvd, stride_wb, stride_ww,
     stride_ct, stride_cd, stride_sct, stride_scd, stride_pb, stride_pe, stride_tb, stride_tc,
     stride_it, stride_ik, stride_vt, stride_vk, stride_ot, stride_oh, stride_od,
@@ -180,7 +181,7 @@ def _sparse_attention_kernel(
         m_step = in_step[:, None] & i_ok[None, :]
         s_e = tl.load(step_rows + d_e[None, :] * stride_kvd, mask=m_step, other=0.0).to(tl.float32)
         s_o = tl.load(step_rows + d_o[None, :] * stride_kvd, mask=m_step, other=0.0).to(tl.float32)
-        ring_rows = ring + ((kpos % W + W) % W)[:, None] * stride_ww
+        ring_rows = ring + ((kpos % RING + RING) % RING)[:, None] * stride_ww
         m_ring = from_ring[:, None] & i_ok[None, :]
         r_e = _load_keys(ring_rows, d_e[None, :], m_ring, FMT=FMT, NOPE=NOPE, ROPE=ROPE)
         r_o = _load_keys(ring_rows, d_o[None, :], m_ring, FMT=FMT, NOPE=NOPE, ROPE=ROPE)
@@ -223,7 +224,7 @@ def _sparse_attention_kernel(
 
 def sparse_attention_triton(q, kv, seq, positions, start_pos, window_slots, window_pool, sinks, scale, cos, sin,
                             fmt=PLAIN, comp_pool=None, tables=None, comp_ids=None, comp_valid=None, ratio=0,
-                           num_entries=None):
+                           num_entries=None, window=None):
     """Launch the kernel; output ``[T, H, D]`` in q's dtype, like the twin."""
     T, H, D = q.shape
     rope = 2 * cos.shape[1]
@@ -246,7 +247,7 @@ def sparse_attention_triton(q, kv, seq, positions, start_pos, window_slots, wind
     _sparse_attention_kernel[grid](
         q, kv, seq, positions, start_pos, window_slots, window_pool, sinks, cos, sin,
         comp_pool, tables, comp_ids, valid, out,
-        H, D, window_pool.shape[1], K, max(int(ratio), 1), comp_pool.shape[1], tables.shape[1],
+        H, D, window_pool.shape[1] if window is None else int(window), window_pool.shape[1], K, max(int(ratio), 1), comp_pool.shape[1], tables.shape[1],
         comp_pool.shape[0] - 1, float(scale),
         *q.stride(), *kv.stride(), window_pool.stride(0), window_pool.stride(1),
         *cos.stride(), *sin.stride(), comp_pool.stride(0), comp_pool.stride(1), *tables.stride(),

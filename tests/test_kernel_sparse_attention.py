@@ -61,12 +61,13 @@ PARITY_SCRIPT = SETUP + textwrap.dedent("""
     worst = 0.0
     for fmt, H, W in [(PLAIN, 3, 5), (FP8_ENTRY, 3, 5), (FP8_ENTRY, 17, 40), (PLAIN, 2, 40)]:
         base, comps = setup(fmt, H, W, seed=H * W)
-        for name, kw in comps.items():
-            want = sparse_attention_torch(*base, **kw)
-            got = sparse_attention_triton(*base, **kw)
+        # window=None: the ring's rows; W - 2: a ring with speculative slack (reads W - 2 of W rows).
+        for (name, kw), window in [(c, w) for c in comps.items() for w in (None, W - 2)]:
+            want = sparse_attention_torch(*base, **kw, window=window)
+            got = sparse_attention_triton(*base, **kw, window=window)
             assert got.shape == want.shape and got.dtype == want.dtype
             diff = (got - want).abs().max().item()
-            assert diff <= 2e-5, (fmt, H, W, name, diff)
+            assert diff <= 2e-5, (fmt, H, W, name, window, diff)
             worst = max(worst, diff)
     # Empty and single-token batches through the public op (forced to Triton).
     base, comps = setup(FP8_ENTRY, 3, 5, seed=7)
@@ -90,17 +91,19 @@ def _setup(fmt, H, W, seed):
     return namespace["setup"](fmt, H, W, seed)
 
 
-def test_twin_equals_gathered_keys_by_hand():
-    """The twin against keys gathered by an independent per-query loop and the sink softmax."""
-    base, comps = _setup(PLAIN, 3, 5, seed=1)
+@pytest.mark.parametrize("slack", [0, 2])
+def test_twin_equals_gathered_keys_by_hand(slack):
+    """The twin against keys gathered by an independent per-query loop and the sink softmax;
+    ``slack``: the ring has that many rows more than the window reads (speculative decoding)."""
+    base, comps = _setup(PLAIN, 3, 5 + slack, seed=1)
     q, kv, seq, pos, start, slots, window, sinks, scale, cos, sin, _ = base
     kw = comps["csa"]
-    out = kernels.sparse_attention(*base[:-1], **kw)
+    out = kernels.sparse_attention(*base[:-1], **kw, window=5)
     ring_w = window.shape[1]
     for t in range(q.shape[0]):
         b, p = int(seq[t]), int(pos[t])
         keys = []
-        for j in range(ring_w):
+        for j in range(5):
             if p - j < 0:
                 continue
             keys.append(kv[t - j] if p - j >= int(start[b]) else window[int(slots[b]), (p - j) % ring_w])

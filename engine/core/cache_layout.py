@@ -71,6 +71,7 @@ class CacheLayout:
     index_key_bytes: int  # one indexer key of one CSA layer
     c4_block_tokens: int = 256
     c128_block_tokens: int = 8192
+    ring_slack: int = 0  # extra rows per position ring for speculative decoding (worker.kv_cache)
 
     def __post_init__(self) -> None:
         if not self.compress_ratios:
@@ -82,6 +83,8 @@ class CacheLayout:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.ring_slack, int) or self.ring_slack < 0:
+            raise ValueError(f"ring_slack must be a non-negative int, got {self.ring_slack!r}")
         if self.c4_block_tokens <= 0 or self.c4_block_tokens % CSA_RATIO:
             raise ValueError(
                 f"c4_block_tokens must be a positive multiple of 4, got {self.c4_block_tokens}"
@@ -103,6 +106,7 @@ class CacheLayout:
         kv_cache_dtype: str = "auto",
         c4_block_tokens: int = 256,
         c128_block_tokens: int = 8192,
+        ring_slack: int = 0,
     ) -> CacheLayout:
         """Build the layout. `auto` stores entries in the model dtype (`kv_dtype_bytes` each
         value); `fp8` uses the 584-byte FlashMLA record and FP4 indexer keys (spec §4.2)."""
@@ -132,6 +136,7 @@ class CacheLayout:
             index_key_bytes=index_key_bytes,
             c4_block_tokens=c4_block_tokens,
             c128_block_tokens=c128_block_tokens,
+            ring_slack=ring_slack,
         )
 
     # ---- layer kinds -------------------------------------------------------------------
@@ -164,14 +169,15 @@ class CacheLayout:
 
     @property
     def window_slot_bytes(self) -> int:
-        return self.num_layers * self.sliding_window * self.entry_bytes
+        return self.num_layers * (self.sliding_window + self.ring_slack) * self.entry_bytes
 
     @property
     def state_slot_bytes(self) -> int:
-        """fp32 kv + score buffers of every compressor ([coff*m, coff*d] each, spec §4.1)."""
-        csa_main = 2 * (CSA_COFF * CSA_RATIO) * (CSA_COFF * self.head_dim)
-        csa_indexer = 2 * (CSA_COFF * CSA_RATIO) * (CSA_COFF * self.index_head_dim)
-        hca = 2 * HCA_RATIO * self.head_dim
+        """fp32 kv + score buffers of every compressor ([coff*m + slack, coff*d] each, spec §4.1)."""
+        csa_rows, hca_rows = CSA_COFF * CSA_RATIO + self.ring_slack, HCA_RATIO + self.ring_slack
+        csa_main = 2 * csa_rows * (CSA_COFF * self.head_dim)
+        csa_indexer = 2 * csa_rows * (CSA_COFF * self.index_head_dim)
+        hca = 2 * hca_rows * self.head_dim
         per_csa = (csa_main + csa_indexer) * FP32_BYTES
         return len(self.csa_layers) * per_csa + len(self.hca_layers) * hca * FP32_BYTES
 

@@ -77,9 +77,13 @@ class Compressor(nn.Module):
         entries = self.norm(pooled.to(out_dtype))
         cos, sin = rotary.cos_sin(plan.window * m, entries.dtype)
         entries = apply_rope(entries, cos, sin)
-        # Keep what later steps pool: the window in progress (and, with overlap, the one before).
+        # Keep what later steps pool: the window in progress (and, with overlap, the one before),
+        # counted from `slack` tokens before the step's end: a verify chunk whose last `slack`
+        # tokens are rejected rolls back to there, and still finds its window in the ring.
         span = state.kv.shape[1]
-        keep_from = (batch.end_pos // m - (1 if self.overlap else 0)) * m
+        slack = span - (2 if self.overlap else 1) * m
+        end = batch.end_pos if slack == 0 else (batch.end_pos - slack).clamp(min=0)
+        keep_from = (end // m - (1 if self.overlap else 0)) * m
         slots = torch.where(pos >= keep_from[batch.seq_ids], batch.state_slots[batch.seq_ids], NO_SLOT)
         state.kv[slots, pos % span] = kv
         state.score[slots, pos % span] = score
@@ -197,9 +201,9 @@ class Attention(nn.Module):
             out = self._attend_in_place(q, kv, batch, cache, index_q, reduce, cos, sin)
         else:
             out = apply_rope(self._attend_gathered(q, kv, batch, cache, index_q, reduce), cos, sin, inverse=True)
-        # Store this step's newest W tokens of each sequence (after every read: the ring may wrap).
-        W = cfg.sliding_window
-        slots = torch.where(batch.newest_rows(W), batch.window_slots[batch.seq_ids], NO_SLOT)
+        # Store this step's newest ring-full of tokens of each sequence (after every read: the
+        # ring may wrap). With speculative slack that is more than W: the rows a rollback needs.
+        slots = torch.where(batch.newest_rows(cache.window_rows), batch.window_slots[batch.seq_ids], NO_SLOT)
         cache.store_window(self.layer, slots, batch.positions, kv)
         # Grouped output projection: group g = heads [g*hpg, (g+1)*hpg) → o_lora_rank each.
         grouped = out.view(T, self.n_groups, -1)
@@ -237,7 +241,7 @@ class Attention(nn.Module):
                         num_entries=batch.max_entries(m))
         return kernels.sparse_attention(q, kv, batch.seq_ids, batch.positions, batch.start_pos, batch.window_slots,
                                         cache.window[self.layer], self.attn_sink, self.softmax_scale, cos, sin,
-                                        fp8=fp8, **comp)
+                                        fp8=fp8, window=self.cfg.sliding_window, **comp)
 
     def _store_entries(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, rotary: Rotary) -> None:
         """Pool the entries this step completes and write them (and their indexer keys) into

@@ -53,6 +53,9 @@ class CacheShape:
     num_c128_blocks: int
     c4_block_tokens: int = 256
     c128_block_tokens: int = 8192
+    # Extra rows in every position ring (window, compressor state): at least the draft tokens a
+    # verify chunk feeds, so that rejected drafts' writes only land on rows no live position needs.
+    ring_slack: int = 0
 
     @property
     def c4_entries(self) -> int:
@@ -137,8 +140,8 @@ class Fp4IndexKeyCodec:
 class CompressorState:
     """kv/score rows of one compressor for all state slots."""
 
-    def __init__(self, slots: int, ratio: int, overlap: bool, width: int, device):
-        rows = 2 * ratio if overlap else ratio
+    def __init__(self, slots: int, ratio: int, overlap: bool, width: int, device, slack: int = 0):
+        rows = (2 * ratio if overlap else ratio) + slack
         self.kv = torch.zeros(slots + PAD_ROWS, rows, width, dtype=torch.float32, device=device)
         self.score = torch.zeros(slots + PAD_ROWS, rows, width, dtype=torch.float32, device=device)
 
@@ -164,7 +167,9 @@ class KVCache:
             _check_fp8_dims(cfg)
             self.entry_codec, self.index_codec = Fp8EntryCodec(d, cfg.rope_dim), Fp4IndexKeyCodec(di)
             d, di, store_dtype = self.entry_codec.nbytes, self.index_codec.nbytes, torch.uint8
-        self.window = [torch.zeros(shape.num_window_slots + PAD_ROWS, W, d, dtype=store_dtype, device=device)
+        self.window_rows = W + shape.ring_slack  # ring rows; attention still reads W of them
+        self.window = [torch.zeros(shape.num_window_slots + PAD_ROWS, self.window_rows, d, dtype=store_dtype,
+                                   device=device)
                        for _ in range(cfg.num_layers)]
         self.state: dict[tuple[int, str], CompressorState] = {}
         self.c4_kv: dict[int, torch.Tensor] = {}
@@ -174,16 +179,16 @@ class KVCache:
             # Compressor states hold fp32 model-width rows whatever the storage format.
             if ratio == CSA_RATIO:
                 self.state[(layer, "main")] = CompressorState(shape.num_state_slots, ratio, True,
-                                                              2 * cfg.head_dim, device)
+                                                              2 * cfg.head_dim, device, shape.ring_slack)
                 self.state[(layer, "index")] = CompressorState(shape.num_state_slots, ratio, True,
-                                                               2 * cfg.index_head_dim, device)
+                                                               2 * cfg.index_head_dim, device, shape.ring_slack)
                 self.c4_kv[layer] = torch.zeros(shape.num_c4_blocks + PAD_ROWS, shape.c4_entries, d, dtype=store_dtype,
                                                 device=device)
                 self.c4_idx[layer] = torch.zeros(shape.num_c4_blocks + PAD_ROWS, shape.c4_entries, di, dtype=store_dtype,
                                                  device=device)
             elif ratio == HCA_RATIO:
                 self.state[(layer, "main")] = CompressorState(shape.num_state_slots, ratio, False,
-                                                              cfg.head_dim, device)
+                                                              cfg.head_dim, device, shape.ring_slack)
                 self.c128_kv[layer] = torch.zeros(shape.num_c128_blocks + PAD_ROWS, shape.c128_entries, d,
                                                   dtype=store_dtype, device=device)
 
@@ -202,24 +207,24 @@ class KVCache:
 
     # ---- sliding window ring -----------------------------------------------------------
     def read_window(self, layer: int, slot: int, positions: torch.Tensor) -> torch.Tensor:
-        rows = self.window[layer][slot][positions % self.cfg.sliding_window]
+        rows = self.window[layer][slot][positions % self.window_rows]
         if self.entry_codec is None:
             return rows
         return self.entry_codec.decode(rows, self.dtype)
 
     def write_window(self, layer: int, slot: int, positions: torch.Tensor, values: torch.Tensor) -> None:
         ring = self.window[layer]
-        ring[slot, positions % self.cfg.sliding_window] = self._encode(ring, values)
+        ring[slot, positions % self.window_rows] = self._encode(ring, values)
 
     def gather_window(self, layer: int, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Ring rows of ``positions [Q, K]`` in rings ``slots [Q]``: ``[Q, K, head_dim]`` (model dtype)."""
-        rows = self.window[layer][slots[:, None], positions % self.cfg.sliding_window]
+        rows = self.window[layer][slots[:, None], positions % self.window_rows]
         return rows if self.entry_codec is None else self.entry_codec.decode(rows, self.dtype)
 
     def store_window(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
-        """Token t into ring ``slots[t]`` at ``positions[t] % W`` (slot -1: dropped)."""
+        """Token t into ring ``slots[t]`` at ``positions[t] % window_rows`` (slot -1: dropped)."""
         ring = self.window[layer]
-        ring[slots, positions % self.cfg.sliding_window] = self._encode(ring, values)
+        ring[slots, positions % self.window_rows] = self._encode(ring, values)
 
     # ---- compressed entries: block-table addressing ----------------------------------
     def gather_entries(self, pool: torch.Tensor, tables: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
