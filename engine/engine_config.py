@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+SPECULATIVE_METHODS = ("ngram",)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -39,6 +40,13 @@ class EngineConfig:
     seed: int = 0
     compile: bool = False  # torch.compile(fullgraph=True) of the decode forward, any device
     enforce_eager: bool = False  # no CUDA graphs for decode on CUDA
+    # Speculative decoding: drafts per running greedy sequence, verified in one target forward
+    # (0 = off). "ngram" = prompt lookup (engine/worker/drafter.py); the MTP drafter comes next.
+    speculative_tokens: int = 0
+    speculative_method: str = "ngram"
+    # Saturation policy: no drafts while more than this many sequences run (the verify rows
+    # cost compute a full batch does not have to spare), as vLLM and SGLang turn it off.
+    speculative_max_batch: int = 32
 
     def __post_init__(self) -> None:
         def positive(name):
@@ -52,6 +60,12 @@ class EngineConfig:
             raise ValueError("compile is not supported with tensor_parallel_size > 1 (ranks run eagerly)")
         if self.kv_cache_memory is not None:
             positive("kv_cache_memory")
+        k = self.speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 8:
+            raise ValueError(f"speculative_tokens must be an int in [0, 8], got {k!r}")
+        if self.speculative_method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be one of {SPECULATIVE_METHODS}, got {self.speculative_method!r}")
+        positive("speculative_max_batch")
         if self.prefix_cache_unit % 64:
             raise ValueError(f"prefix_cache_unit must be a multiple of 64, got {self.prefix_cache_unit}")
         share = self.prefix_cache_snapshot_share

@@ -19,6 +19,7 @@ from engine.engine_config import EngineConfig
 from engine.worker.checkpoint_io import export_units, import_units, layout_signature
 from engine.worker.kv_cache import CacheShape
 from engine.worker.model_runner import SampledTokens
+from engine.worker.spec_decode import can_speculate
 from engine.core.checkpoint_store import CheckpointStore
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.outputs import RequestMetrics, RequestOutput, StepStats
@@ -47,6 +48,7 @@ class EngineCore:
         layout = CacheLayout.from_model(
             list(cfg.compress_ratios), cfg.head_dim, cfg.index_head_dim, cfg.sliding_window, cfg.rope_dim,
             kv_dtype_bytes=torch.tensor([], dtype=self.dtype).element_size(), kv_cache_dtype=config.kv_cache_dtype,
+            ring_slack=config.speculative_tokens,  # rejected drafts must not clobber live ring rows
         )
         log.info("loading checkpoint %s on %s, dtype %s, kv cache %s (%d layers, vocab %d, context %d)",
                  self.model_dir, self.device, str(self.dtype).removeprefix("torch."), config.kv_cache_dtype,
@@ -71,6 +73,7 @@ class EngineCore:
             num_c4_blocks=pools[CachePool.C4].num_blocks,
             num_c128_blocks=pools[CachePool.C128].num_blocks,
             c4_block_tokens=layout.c4_block_tokens, c128_block_tokens=layout.c128_block_tokens,
+            ring_slack=layout.ring_slack,
         ), kv_cache_dtype=config.kv_cache_dtype)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
@@ -136,7 +139,8 @@ class EngineCore:
         from engine.worker.model_runner import ModelRunner
 
         return ModelRunner(self.model_dir, self.model_config, self.dtype, self.device, seed=cfg.seed,
-                           compile=cfg.compile, enforce_eager=cfg.enforce_eager)
+                           compile=cfg.compile, enforce_eager=cfg.enforce_eager,
+                           speculative_method=cfg.speculative_method)
 
     def _kv_budget(self) -> int:
         if self.config.kv_cache_memory:
@@ -204,7 +208,7 @@ class EngineCore:
                 outputs += self._fail_step(sched_out, f"internal error during generation: {e}")
                 self.last_step_stats = self._step_stats(sched_out.num_batched_tokens, 0, 0)
                 return outputs
-        deltas = self.scheduler.update(sched_out, sampled.token_ids)
+        deltas = self.scheduler.update(sched_out, sampled.token_ids, sampled.verified)
         num_prompt_tokens = num_generation_tokens = 0
         requests, output, append = self._requests, self._output, outputs.append
         for delta in deltas:  # per sequence per step: keep it lean
@@ -223,8 +227,31 @@ class EngineCore:
             else:
                 append(output(req, new_ids, None, finished=False, logprobs=logprobs))
         self.last_step_stats = self._step_stats(sched_out.num_batched_tokens, num_prompt_tokens,
-                                                num_generation_tokens)
+                                                num_generation_tokens, sampled.spec)
+        if self.config.speculative_tokens:
+            self._propose_drafts()
         return outputs
+
+    def _propose_drafts(self) -> None:
+        """Drafts for the next step of every running greedy decode, unless the batch is past
+        ``speculative_max_batch`` (saturation: verify rows would cost more than they save). A
+        request gets no more drafts than its ``max_tokens`` and the context leave room for."""
+        running = self.scheduler.running
+        if len(running) > self.config.speculative_max_batch:
+            return
+        k, max_len, wanted, room = self.config.speculative_tokens, self.max_model_len, [], []
+        for r in running:
+            if r.num_tokens - r.num_computed_tokens != 1 or not can_speculate(r):
+                continue
+            left = max_len - r.num_tokens - 1
+            max_tokens = r.sampling_params.max_tokens
+            if max_tokens is not None:
+                left = min(left, max_tokens - r.num_output_tokens - 1)
+            if left > 0:
+                wanted.append(r)
+                room.append(min(k, left))
+        for r, drafts in zip(wanted, self.runner.propose_drafts(wanted, room)):
+            r.draft_token_ids = drafts
 
     def _cumulative_counters(self) -> dict[str, dict]:
         """Every counter the step stats report as deltas, by stats field, totals so far."""
@@ -239,7 +266,7 @@ class EngineCore:
             "prefix_cache_load_failures": self.kv_manager.tier_load_failures(),
         }
 
-    def _step_stats(self, num_scheduled: int, num_prompt: int, num_generated: int) -> StepStats:
+    def _step_stats(self, num_scheduled: int, num_prompt: int, num_generated: int, spec=None) -> StepStats:
         """The stats of the step just run: counter growth since the previous step, state now."""
         totals = self._cumulative_counters()
         old, self._counter_totals = self._counter_totals, totals
@@ -256,6 +283,10 @@ class EngineCore:
             num_scheduled_tokens=num_scheduled, num_prompt_tokens=num_prompt, num_generation_tokens=num_generated,
             prefix_cache_checkpoints=prefix["checkpoints_by_tier"],
             prefix_cache_checkpoint_bytes={**usage.checkpoint_bytes, **prefix["offloaded_bytes"]},
+            **({} if spec is None else dict(
+                spec_num_drafts=spec.num_drafts, spec_num_draft_tokens=spec.num_draft_tokens,
+                spec_num_accepted_tokens=spec.num_accepted_tokens,
+                spec_accepted_per_position=spec.accepted_per_position)),
             **deltas,
         )
 

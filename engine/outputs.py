@@ -80,3 +80,9 @@ class StepStats:
     # State after the step: checkpoints per tier; bytes held by checkpoints only, per pool and tier.
     prefix_cache_checkpoints: dict[str, int] = field(default_factory=dict)
     prefix_cache_checkpoint_bytes: dict[str, int] = field(default_factory=dict)
+    # Speculative decoding this step (vLLM's spec_decode counters): verify chunks, drafts in
+    # them, drafts accepted, and drafts accepted at each draft position.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: list[int] = field(default_factory=list)

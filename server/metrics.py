@@ -88,6 +88,12 @@ def check_step_stats(stats: StepStats) -> None:
         if f.type in (int, "int"):
             _check_count(getattr(stats, f.name), f.name)
     _check_fraction(stats.kv_cache_usage, "kv_cache_usage")
+    if not isinstance(stats.spec_accepted_per_position, list):
+        raise ValueError("spec_accepted_per_position must be a list")
+    for position, n in enumerate(stats.spec_accepted_per_position):
+        _check_count(n, f"spec_accepted_per_position[{position}]")
+    if stats.spec_num_accepted_tokens > stats.spec_num_draft_tokens:
+        raise ValueError("spec_num_accepted_tokens must not exceed spec_num_draft_tokens")
     if not isinstance(stats.pool_usage, Mapping):
         raise ValueError("pool_usage must be a mapping")
     for pool, usage in stats.pool_usage.items():
@@ -211,6 +217,15 @@ class Metrics:
         self.kv_cache_pool_usage_perc = self._metric(
             Gauge, "kv_cache_pool_usage_perc", "KV cache usage per pool, 1 = full.", ("pool",))
         self.num_preemptions = self._metric(Counter, "num_preemptions", "Requests preempted.")
+        # Speculative decoding, with vLLM's names (vllm:spec_decode_*).
+        self.spec_decode_num_drafts = self._metric(Counter, "spec_decode_num_drafts", "Verify chunks run.")
+        self.spec_decode_num_draft_tokens = self._metric(
+            Counter, "spec_decode_num_draft_tokens", "Draft tokens proposed.")
+        self.spec_decode_num_accepted_tokens = self._metric(
+            Counter, "spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.spec_decode_num_accepted_tokens_per_pos = self._metric(
+            Counter, "spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by draft position.",
+            ("position",))
         for pool in KV_POOLS:
             self.kv_cache_pool_usage_perc.labels(self.model_name, pool)
 
@@ -304,6 +319,11 @@ class Metrics:
         for pool, usage in stats.pool_usage.items():
             self.kv_cache_pool_usage_perc.labels(name, pool).set(usage)
         self.num_preemptions.labels(name).inc(stats.num_preemptions)
+        self.spec_decode_num_drafts.labels(name).inc(stats.spec_num_drafts)
+        self.spec_decode_num_draft_tokens.labels(name).inc(stats.spec_num_draft_tokens)
+        self.spec_decode_num_accepted_tokens.labels(name).inc(stats.spec_num_accepted_tokens)
+        for position, n in enumerate(stats.spec_accepted_per_position):
+            self.spec_decode_num_accepted_tokens_per_pos.labels(name, str(position)).inc(n)
         self.prompt_tokens.labels(name).inc(stats.num_prompt_tokens)
         self.generation_tokens.labels(name).inc(stats.num_generation_tokens)
         self.prefix_cache_queries.labels(name).inc(stats.prefix_cache_queries)

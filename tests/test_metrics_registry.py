@@ -26,6 +26,8 @@ EXPECTED = {
     "iteration_tokens_total": "histogram", "prefix_cache_tier_hits": "counter",
     "prefix_cache_evictions": "counter", "prefix_cache_load_failures": "counter",
     "prefix_cache_checkpoints": "gauge", "prefix_cache_checkpoint_bytes": "gauge",
+    "spec_decode_num_drafts": "counter", "spec_decode_num_draft_tokens": "counter",
+    "spec_decode_num_accepted_tokens": "counter", "spec_decode_num_accepted_tokens_per_pos": "counter",
 }
 
 
@@ -103,6 +105,21 @@ def test_observe_step_sets_gauges_and_moves_counters():
     assert _value(metrics, "iteration_tokens_total_sum") == 600
     assert _value(metrics, "iteration_tokens_total_bucket", le="500.0") == 2
     assert _value(metrics, "iteration_tokens_total_bucket", le="200.0") == 0
+
+
+def test_speculative_decoding_counters_with_vllm_names():
+    metrics = Metrics(MODEL)
+    metrics.observe_step(_step(spec_num_drafts=4, spec_num_draft_tokens=12, spec_num_accepted_tokens=5,
+                               spec_accepted_per_position=[3, 2, 0]))
+    metrics.observe_step(_step(spec_num_drafts=1, spec_num_draft_tokens=3, spec_num_accepted_tokens=1,
+                               spec_accepted_per_position=[1, 0, 0]))
+    assert _value(metrics, "spec_decode_num_drafts_total") == 5
+    assert _value(metrics, "spec_decode_num_draft_tokens_total") == 15
+    assert _value(metrics, "spec_decode_num_accepted_tokens_total") == 6
+    assert _value(metrics, "spec_decode_num_accepted_tokens_per_pos_total", position="0") == 4
+    assert _value(metrics, "spec_decode_num_accepted_tokens_per_pos_total", position="1") == 2
+    with pytest.raises(ValueError, match="spec_num_accepted_tokens"):
+        metrics.observe_step(_step(spec_num_draft_tokens=1, spec_num_accepted_tokens=2))
 
 
 def test_prefix_cache_checkpoint_series():

@@ -110,6 +110,9 @@ class Request:
     finish_reason: FinishReason | None = None
     # Extra detail on the finish: the stop token id, the stop string, or an error message.
     stop_reason: int | str | None = None
+    # Speculative decoding: tokens a drafter proposed to follow the last known token; the next
+    # step feeds them after it as a verify chunk (the engine sets them after each step).
+    draft_token_ids: list[int] = field(default_factory=list)
     # The engine's last RequestMetrics of these stamps, shared by outputs until one changes.
     metrics_snapshot: Any = field(default=None, repr=False)
 

@@ -61,6 +61,9 @@ class ScheduledChunk:
     start_pos: int
     sample: bool  # the chunk reaches the last known token, so the runner samples after it
     block_table: BlockTable
+    # A verify chunk: the last known token then this many draft tokens (speculative decoding);
+    # the runner samples after every one of them and keeps the longest agreeing prefix.
+    num_drafts: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -185,6 +188,8 @@ class Scheduler:
         copies_after: list[CacheCopy] = []
         if self.kv.enable_prefix_cache:
             for chunk in plan.chunks.values():
+                if chunk.num_drafts:  # its end is not known before verification: no snapshot
+                    continue
                 request = self.requests[chunk.request_id]
                 end = chunk.start_pos + len(chunk.token_ids)
                 if self._is_unit_end(request, end):
@@ -199,14 +204,20 @@ class Scheduler:
             num_batched_tokens=self.config.max_num_batched_tokens - plan.budget,
         )
 
-    def update(self, scheduler_output: SchedulerOutput, sampled: dict[str, int]) -> list[RequestDelta]:
+    def update(self, scheduler_output: SchedulerOutput, sampled: dict[str, int],
+               verified: dict[str, list[int]] | None = None) -> list[RequestDelta]:
         """Apply a finished step: advance computed tokens, commit checkpoints, append the
         sampled token of every sampling chunk, apply stop rules. Returns the deltas (also for
-        requests that `schedule` finished with an error)."""
+        requests that `schedule` finished with an error).
+
+        A verify chunk (``num_drafts > 0``) takes ``verified[request_id]`` instead: its accepted
+        drafts and the target's token after them (1 to ``num_drafts + 1`` tokens). Only the last
+        known token and the accepted drafts are computed; the rest of the chunk is rolled back."""
         done = []
         requests, running = self.requests, RequestStatus.RUNNING
         if not isinstance(sampled, dict):
             sampled = {}
+        verified = verified or {}
         for chunk in scheduler_output.chunks:
             request = requests.get(chunk.request_id)
             # Skip requests aborted or finished after schedule(), and stale outputs.
@@ -214,7 +225,13 @@ class Scheduler:
                 continue
             if request.num_computed_tokens != chunk.start_pos:
                 continue
-            if chunk.sample:
+            if chunk.num_drafts:
+                tokens = verified.get(chunk.request_id)
+                if not isinstance(tokens, list) or not 1 <= len(tokens) <= chunk.num_drafts + 1 or any(
+                        not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in tokens):
+                    raise ValueError(f"verified must map {chunk.request_id!r} to 1..{chunk.num_drafts + 1} "
+                                     f"token ids, got {tokens!r}")
+            elif chunk.sample:
                 token = sampled.get(chunk.request_id)
                 if token.__class__ is not int and (not isinstance(token, int) or isinstance(token, bool)) \
                         or token < 0:
@@ -222,8 +239,12 @@ class Scheduler:
             done.append((request, chunk))
 
         mark_computed = self.kv.mark_computed if self.kv.enable_prefix_cache else None
+        stops = {}  # verify chunks: (tokens kept, stop status, stop reason)
         for request, chunk in done:
-            request.num_computed_tokens += len(chunk.token_ids)
+            if chunk.num_drafts:
+                stops[request.request_id] = self._append_verified(request, chunk, verified[request.request_id])
+            else:
+                request.num_computed_tokens += len(chunk.token_ids)
             if mark_computed is not None:
                 mark_computed(request)
         self.kv.commit_checkpoints()  # before finishing, so end-of-output keys dedupe
@@ -233,6 +254,16 @@ class Scheduler:
         now = self._clock()
         for request, chunk in done:
             if not chunk.sample:
+                continue
+            if chunk.num_drafts:
+                kept, status, stop_reason = stops[request.request_id]
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                if status is None:
+                    deltas.append(RequestDelta(request.request_id, kept, False))
+                else:
+                    self._finish(request, status, stop_reason, cache_output=True)
+                    deltas.append(RequestDelta(request.request_id, kept, True, request.finish_reason, stop_reason))
                 continue
             token = sampled[request.request_id]
             request.output_token_ids.append(token)
@@ -245,6 +276,21 @@ class Scheduler:
             self._finish(request, status, stop_reason, cache_output=True)
             deltas.append(RequestDelta(request.request_id, [token], True, request.finish_reason, stop_reason))
         return deltas
+
+    def _append_verified(self, request: Request, chunk: ScheduledChunk, tokens: list[int]):
+        """Append a verify chunk's tokens one by one under the stop rules (a stop drops the rest)
+        and advance the computed tokens over the last known token and the accepted drafts: one
+        fewer than the tokens kept, as after any decode (the last token is fed next step)."""
+        status = stop_reason = None
+        kept = 0
+        for token in tokens:
+            request.output_token_ids.append(token)
+            kept += 1
+            status, stop_reason = token_stop(request, token, self.config.max_model_len)
+            if status is not None:
+                break
+        request.num_computed_tokens = min(chunk.start_pos + len(tokens), request.num_tokens - 1)
+        return tokens[:kept], status, stop_reason
 
     # ---- scheduling internals -----------------------------------------------------------------
 
@@ -262,6 +308,9 @@ class Scheduler:
             if plan.budget == 0:
                 return
             if request.status is not running:  # preempted earlier in this step
+                continue
+            if request.draft_token_ids:
+                self._add_verify(request, plan)
                 continue
             # `_reserve` only when blocks are short (it may preempt); the chunk is the one token a
             # decode feeds, its last known token. This loop runs for every running sequence every step.
@@ -406,6 +455,19 @@ class Scheduler:
             # The live table, not a copy (O(1) per step): the runner reads it before the next schedule.
             block_table=self.kv.live_table(request.request_id),
         )
+        plan.budget -= num_tokens
+
+    def _add_verify(self, request: Request, plan: _StepPlan) -> None:
+        """The last known token and the request's drafts (as many as the budget allows) as one
+        chunk; its blocks cover every draft, the rejected ones' entries are rewritten later."""
+        drafts, request.draft_token_ids = request.draft_token_ids[:plan.budget - 1], []
+        num_tokens = 1 + len(drafts)
+        if not self._reserve(request, num_tokens, plan):
+            return
+        request_id = request.request_id
+        token = (request.output_token_ids or request.prompt_token_ids)[-1]
+        plan.chunks[request_id] = ScheduledChunk(request_id, [token] + drafts, request.num_computed_tokens, True,
+                                                 self.kv.live_table(request_id), len(drafts))
         plan.budget -= num_tokens
 
     # ---- finishing ------------------------------------------------------------------------------

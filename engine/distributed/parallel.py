@@ -156,6 +156,9 @@ class ParallelModelRunner:
     def execute(self, sched_out, requests: dict) -> SampledTokens:
         return self._runner.execute(sched_out, requests)
 
+    def propose_drafts(self, requests: list, k: list[int]) -> list[list[int]]:
+        return self._runner.propose_drafts(requests, k)  # drafting reads no sharded tensor
+
     def release(self, request_id: str) -> None:
         self._runner.release(request_id)
 

@@ -210,8 +210,8 @@ class BatchBuilder:
             positions += range(ch.start_pos, ch.start_pos + n)
             seq_ids += [b] * n
             cu.append(len(ids))
-            if ch.sample:
-                logits_rows.append(len(ids) - 1)
+            if ch.sample:  # a verify chunk: after its last known token and after every draft
+                logits_rows += range(len(ids) - 1 - ch.num_drafts, len(ids))
         seq_inputs = self._seq_inputs(starts, ends, window_slots, bts, rows, in_step, 0)
         start_pos, end_pos = seq_inputs[0], seq_inputs[1]
         return self._batch(

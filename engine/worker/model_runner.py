@@ -19,10 +19,12 @@ from engine.sampling_params import SamplingParams
 from engine.worker.batch_builder import BatchBuilder
 from engine.worker.input_batch import ForwardBatch
 from engine.worker.kv_cache import CacheShape, KVCache
-from engine.worker.sampler import Sampler, make_generator
+from engine.worker.sampler import Sampler, filtered_probs, make_generator
+from engine.worker.spec_decode import SpecCounts, accept_greedy, accept_sampled, make_drafter, propose
 from engine.worker.step_executor import make_step
 
 log = logging.getLogger(__name__)
+_GREEDY = SamplingParams(temperature=0)  # params for verify rows whose sampler pick is not used
 
 
 @dataclass
@@ -32,12 +34,15 @@ class SampledTokens:
 
     token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    # Verify chunks (speculative decoding): every token the chunk yields, and the step's counts.
+    verified: dict[str, list[int]] = field(default_factory=dict)
+    spec: SpecCounts | None = None
 
 
 class ModelRunner:
     def __init__(self, model_dir: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                  par: Parallel | None = None, seed: int = 0, shard_loader=None, compile: bool = False,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, speculative_method: str = "ngram"):
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.model = DeepseekV4(cfg, dtype, par)
         # On CPU dequantise once at load (fast matmuls); on GPU keep the quantised form.
@@ -47,6 +52,7 @@ class ModelRunner:
         self.builder: BatchBuilder | None = None
         self.sampler = Sampler(seed=seed)
         self._generators: dict[str, torch.Generator] = {}
+        self.speculative_method, self.drafter = speculative_method, None
         # Tensor-parallel ranks run eagerly: their collectives stay outside captured graphs.
         parallel = par is not None and par.tp_size > 1
         self.step = make_step(self._logits, torch.device(device), compile and not parallel,
@@ -62,7 +68,8 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, chunks, copies_before=(), copies_after=()) -> torch.Tensor | None:
-        """Run the model over ``chunks``; returns logits [n_sampling_chunks, V] in chunk order."""
+        """Run the model over ``chunks``; returns logits [n_sampling_chunks, V] in chunk order
+        (a verify chunk has ``1 + num_drafts`` consecutive rows)."""
         for c in copies_before:
             self.cache.copy(c.pool, c.src, c.dst)
         logits = None
@@ -72,7 +79,7 @@ class ModelRunner:
             batch = self.builder.build(chunks, captured=self.step.captured)
             if sampling or decode and self.step.captured:
                 logits = self.step(batch, decode)
-                if logits.shape[0] != len(sampling):  # a captured decode bucket: every row has logits
+                if decode and logits.shape[0] != len(sampling):  # a captured decode bucket: every row has logits
                     logits = logits[torch.tensor(sampling, device=logits.device)]
             else:  # nothing to sample (prefill chunks only): no head
                 self.model(batch, self.cache)
@@ -87,6 +94,8 @@ class ModelRunner:
         sampling = [ch.request_id for ch in sched_out.chunks if ch.sample]
         if not sampling:
             return SampledTokens()
+        if logits.shape[0] != len(sampling):  # verify chunks: several rows each
+            return self._sample_with_verify(logits, [ch for ch in sched_out.chunks if ch.sample], requests)
         params: list[SamplingParams] = [requests[rid].sampling_params for rid in sampling]
         for i, (rid, p) in enumerate(zip(sampling, params)):
             for proc in p.logits_processors:
@@ -97,6 +106,50 @@ class ModelRunner:
             dict(zip(sampling, out.token_ids)),
             {sampling[i]: TokenLogprob(out.token_ids[i], out.logprobs[i], list(out.top_logprobs[i] or []))
              for i in out.logprob_rows})
+
+    def _sample_with_verify(self, logits: torch.Tensor, chunks: list, requests: dict) -> SampledTokens:
+        """A step with verify chunks: greedy ones keep their agreeing drafts, sampled ones verify by
+        rejection sampling (``spec_decode``); the other chunks sample as usual."""
+        params, gens, rows = [], [], []
+        for ch in chunks:
+            p = requests[ch.request_id].sampling_params
+            rows.append(len(params))
+            if ch.num_drafts:
+                # A sampled verify chunk is decided below; the sampler's greedy pick there is unused.
+                params += [p if p.greedy else _GREEDY] * (1 + ch.num_drafts)
+                gens += [None] * (1 + ch.num_drafts)
+                continue
+            for proc in p.logits_processors:
+                logits[len(params)] = proc(requests[ch.request_id].output_token_ids, logits[len(params)])
+            params.append(p)
+            gens.append(None if p.seed is None or p.greedy else self._generator(ch.request_id, p))
+        out = self.sampler.sample(logits, params, gens)
+        result = SampledTokens(spec=SpecCounts())
+        counts = result.spec
+        for ch, r in zip(chunks, rows):
+            rid = ch.request_id
+            if ch.num_drafts:
+                p = requests[rid].sampling_params
+                rows_k = slice(r, r + 1 + ch.num_drafts)
+                if p.greedy:
+                    tokens = accept_greedy(ch.token_ids[1:], out.token_ids[rows_k])
+                else:
+                    probs = filtered_probs(logits[rows_k].float(), [p] * (1 + ch.num_drafts))
+                    tokens = accept_sampled(probs, ch.token_ids[1:], self._generator(rid, p)
+                                            or self.sampler.shared_generator(logits.device))
+                result.verified[rid] = tokens
+                counts.add(ch.num_drafts, len(tokens) - 1)
+                continue
+            result.token_ids[rid] = out.token_ids[r]
+            if out.logprobs[r] is not None:
+                result.logprobs[rid] = TokenLogprob(out.token_ids[r], out.logprobs[r], list(out.top_logprobs[r] or []))
+        return result
+
+    def propose_drafts(self, requests: list, k: list[int]) -> list[list[int]]:
+        """Drafts for the next step (``spec_decode.propose``; the drafter is built on first use)."""
+        if self.drafter is None:
+            self.drafter = make_drafter(self.speculative_method)
+        return propose(self.drafter, requests, k)
 
     def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
         if params.seed is None or params.greedy:

@@ -91,7 +91,7 @@ class Sampler:
         if random_rows:
             idx = torch.tensor(random_rows, device=logits.device)
             rows_params = [params[i] for i in random_rows]
-            probs = _filtered_probs(logits[idx], rows_params)
+            probs = filtered_probs(logits[idx], rows_params)
             noise = self._exponential_noise(
                 probs.shape, [generators[i] for i in random_rows], logits.device)
             token_ids[idx] = first_argmax(probs / noise)
@@ -105,7 +105,7 @@ class Sampler:
         shared_rows = [r for r, g in enumerate(generators) if g is None]
         if shared_rows:
             shared = torch.empty((len(shared_rows), shape[1]), dtype=torch.float32, device=device)
-            shared.exponential_(generator=self._shared_generator(device))
+            shared.exponential_(generator=self.shared_generator(device))
             noise[torch.tensor(shared_rows, device=device)] = shared
         for row, generator in enumerate(generators):
             if generator is not None:
@@ -113,7 +113,7 @@ class Sampler:
         # NOTE: a draw of exactly 0 would turn a filtered token's 0/0 into NaN, which argmax picks.
         return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 
-    def _shared_generator(self, device: torch.device) -> torch.Generator:
+    def shared_generator(self, device: torch.device) -> torch.Generator:
         device = torch.device(device)
         if device not in self._shared_generators:
             generator = torch.Generator(device=device)
@@ -125,7 +125,7 @@ class Sampler:
         return self._shared_generators[device]
 
 
-def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """logits [R, V] → probabilities [R, V] after temperature, then top-k, then top-p.
 
     Filters run on one stable descending sort shared by the batch, so among equal logits the
