@@ -12,8 +12,8 @@ import torch
 from engine.model.config import ModelConfig
 from engine.model.deepseek_v4 import DeepseekV4
 from engine.model.loader import load_weights
-from engine.worker.input_batch import ForwardBatch, SeqView
 from engine.worker.kv_cache import CacheShape, KVCache
+from tests_util import feeds_logits
 
 # Prompts ending around the CSA (4), window (128) and HCA (128) boundaries, so that verify
 # chunks cross them with accepted and with rejected tokens.
@@ -25,12 +25,7 @@ BLOCKS = 3
 
 def _logits(model, cache, feeds):
     """One forward over ``feeds`` = [(sequence, tokens, start)]; logits of every row."""
-    seqs, row = [], 0
-    for i, toks, start in feeds:
-        seqs.append(SeqView(row, len(toks), start, i, i, list(range(i * BLOCKS, (i + 1) * BLOCKS)), [i]))
-        row += len(toks)
-    batch = ForwardBatch.build([t for _, t, _ in feeds], seqs, list(range(row)))
-    return model.compute_logits(model(batch, cache))
+    return feeds_logits(model, cache, feeds, BLOCKS)
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])

@@ -6,7 +6,7 @@ import torch
 from engine.model.config import ModelConfig
 from engine.model.deepseek_v4 import DeepseekV4
 from engine.model.loader import load_weights
-from engine.worker.input_batch import ForwardBatch, SeqView
+from tests_util import feeds_logits
 from engine.worker.kv_cache import CacheShape, KVCache
 
 # Around the window (128), CSA (4) and HCA / c4-block (256) boundaries, and past the top-k.
@@ -16,18 +16,9 @@ SECOND = [1, 5, 1, 2, 129, 1, 4, 1, 7]
 BLOCKS = 3
 
 
-def _view(i: int, row: int, n: int, start: int) -> SeqView:
-    return SeqView(row, n, start, i, i, list(range(i * BLOCKS, (i + 1) * BLOCKS)), [i])
-
-
 def _step(model, cache, feeds: list[tuple[int, list[int], int]]) -> torch.Tensor:
     """One forward over ``feeds`` = [(sequence, tokens, start position)]; logits of every row."""
-    seqs, row = [], 0
-    for i, toks, start in feeds:
-        seqs.append(_view(i, row, len(toks), start))
-        row += len(toks)
-    batch = ForwardBatch.build([t for _, t, _ in feeds], seqs, list(range(row)))
-    return model.compute_logits(model(batch, cache))
+    return feeds_logits(model, cache, feeds, BLOCKS)
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])

@@ -12,6 +12,18 @@ from engine.worker.input_batch import ForwardBatch, SeqView
 from engine.worker.kv_cache import CacheShape, KVCache
 
 
+def feeds_logits(model, cache, feeds: list[tuple[int, list[int], int]], blocks: int) -> torch.Tensor:
+    """One forward over ``feeds`` = [(sequence, tokens, start position)], sequence ``i`` in window
+    and state slot ``i``, c4 blocks ``[i * blocks, (i + 1) * blocks)`` and c128 block ``i``;
+    logits of every row."""
+    seqs, row = [], 0
+    for i, toks, start in feeds:
+        seqs.append(SeqView(row, len(toks), start, i, i, list(range(i * blocks, (i + 1) * blocks)), [i]))
+        row += len(toks)
+    batch = ForwardBatch.build([t for _, t, _ in feeds], seqs, list(range(row)))
+    return model.compute_logits(model(batch, cache))
+
+
 def fresh_cache(model, max_tokens: int = 4096) -> KVCache:
     shape = CacheShape(num_window_slots=1, num_state_slots=1, num_c4_blocks=-(-max_tokens // 256),
                        num_c128_blocks=-(-max_tokens // 8192))

@@ -37,4 +37,5 @@ class Command:
 
 def chunk_message(ch: ScheduledChunk) -> ScheduledChunk:
     """A chunk as sent to the workers: a snapshot, so later table growth on rank 0 cannot race it."""
-    return ScheduledChunk(ch.request_id, list(ch.token_ids), ch.start_pos, ch.sample, ch.block_table.copy())
+    return ScheduledChunk(ch.request_id, list(ch.token_ids), ch.start_pos, ch.sample, ch.block_table.copy(),
+                          ch.num_drafts)
