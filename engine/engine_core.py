@@ -219,8 +219,9 @@ class EngineCore:
             num_generation_tokens += len(new_ids)
             if new_ids and len(req.output_token_ids) == len(new_ids):
                 num_prompt_tokens += len(req.prompt_token_ids)  # prefill done (once: not again after a preemption)
-            logprob = sampled.logprobs.get(delta.request_id) if sampled.logprobs else None
-            logprobs = None if logprob is None else [logprob]
+            logprobs = sampled.logprobs.get(delta.request_id) if sampled.logprobs else None
+            if logprobs is not None and len(logprobs) > len(new_ids):  # a stop dropped verified tokens
+                logprobs = logprobs[:len(new_ids)]
             if delta.finished:
                 append(output(req, new_ids, delta.finish_reason, stop_reason=delta.stop_reason, logprobs=logprobs))
                 self._forget(delta.request_id)

@@ -245,3 +245,27 @@ def test_speculation_with_tensor_and_expert_parallel(tiny_dir):
         _assert_pools_empty(core)
     finally:
         core.shutdown()
+
+
+def test_logprobs_of_accepted_tokens_equal_plain_decoding(tiny_dir):
+    prompts = _prompts(1024, seed=14)[:6]
+    params = [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=3)] * 6
+    plain = LLM(tiny_dir).generate(prompts, params)
+    core = EngineCore(EngineConfig(model=tiny_dir, max_num_seqs=8, speculative_tokens=3))
+    logprobs = {i: [] for i in range(6)}
+    for i, p in enumerate(prompts):
+        core.add_request(f"r{i}", p, params[i])
+    accepted = 0
+    while core.has_unfinished():
+        for out in core.step():
+            assert len(out.logprobs) == len(out.new_token_ids)
+            logprobs[int(out.request_id[1:])] += out.logprobs
+        accepted += core.last_step_stats.spec_num_accepted_tokens
+    assert accepted > 0
+    for i, want in enumerate(plain):
+        got = logprobs[i]
+        assert [t.token_id for t in got] == want.token_ids
+        for a, b in zip(got, want.logprobs):
+            assert abs(a.logprob - b.logprob) < 1e-5
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert max(abs(x - y) for (_, x), (_, y) in zip(a.top, b.top)) < 1e-5

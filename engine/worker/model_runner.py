@@ -19,7 +19,7 @@ from engine.sampling_params import SamplingParams
 from engine.worker.batch_builder import BatchBuilder
 from engine.worker.input_batch import ForwardBatch
 from engine.worker.kv_cache import CacheShape, KVCache
-from engine.worker.sampler import Sampler, filtered_probs, make_generator
+from engine.worker.sampler import Sampler, filtered_probs, make_generator, verify_logprobs
 from engine.worker.spec_decode import SpecCounts, accept_greedy, accept_sampled, make_drafter, propose
 from engine.worker.step_executor import make_step
 
@@ -33,7 +33,7 @@ class SampledTokens:
     the requests that asked for them (dicts built at C speed: this runs every step)."""
 
     token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)  # one per token, for those that asked
     # Verify chunks (speculative decoding): every token the chunk yields, and the step's counts.
     verified: dict[str, list[int]] = field(default_factory=dict)
     spec: SpecCounts | None = None
@@ -104,7 +104,7 @@ class ModelRunner:
         out = self.sampler.sample(logits, params, gens)
         return SampledTokens(
             dict(zip(sampling, out.token_ids)),
-            {sampling[i]: TokenLogprob(out.token_ids[i], out.logprobs[i], list(out.top_logprobs[i] or []))
+            {sampling[i]: [TokenLogprob(out.token_ids[i], out.logprobs[i], list(out.top_logprobs[i] or []))]
              for i in out.logprob_rows})
 
     def _sample_with_verify(self, logits: torch.Tensor, chunks: list, requests: dict) -> SampledTokens:
@@ -139,10 +139,12 @@ class ModelRunner:
                                             or self.sampler.shared_generator(logits.device))
                 result.verified[rid] = tokens
                 counts.add(ch.num_drafts, len(tokens) - 1)
+                if p.logprobs is not None:
+                    result.logprobs[rid] = verify_logprobs(logits[r:r + len(tokens)], tokens, p.logprobs)
                 continue
             result.token_ids[rid] = out.token_ids[r]
             if out.logprobs[r] is not None:
-                result.logprobs[rid] = TokenLogprob(out.token_ids[r], out.logprobs[r], list(out.top_logprobs[r] or []))
+                result.logprobs[rid] = [TokenLogprob(out.token_ids[r], out.logprobs[r], list(out.top_logprobs[r] or []))]
         return result
 
     def propose_drafts(self, requests: list, k: list[int]) -> list[list[int]]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams, is_int
 
 
@@ -158,6 +159,17 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         keep_by_id = torch.empty_like(keep).scatter_(1, order, keep)
         scaled = scaled.masked_fill(~keep_by_id, float("-inf"))
     return scaled.softmax(dim=-1)
+
+
+def verify_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: int) -> list[TokenLogprob]:
+    """Raw logprobs of a verify chunk's kept tokens, token i from logits row i (``[n, V]``), with
+    the ``num_top`` most likely of each row: what one-token steps would have reported."""
+    rows = logits.float().log_softmax(dim=-1)
+    ids = torch.tensor(token_ids, device=logits.device)
+    chosen = rows.gather(1, ids[:, None]).squeeze(1).tolist()
+    top_values, top_ids = rows.topk(min(num_top, rows.shape[1]), dim=-1)
+    return [TokenLogprob(t, lp, list(zip(i, v))) for t, lp, i, v in
+            zip(token_ids, chosen, top_ids.tolist(), top_values.tolist())]
 
 
 def _gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]

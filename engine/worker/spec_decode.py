@@ -6,9 +6,9 @@ target's token after each of them, ``g0 … gk``. Greedy verification keeps the 
 with ``d(i+1) == g(i)`` — ``a`` drafts — and the target's token after it, so the step yields
 ``d1 … da, g(a)`` = ``g0 … g(a)``: exactly the tokens greedy decoding would have produced one by
 one. A sampled request verifies by rejection sampling (``accept_sampled``), which keeps the
-target distribution exactly. Requests with logits processors (grammar, logit bias) or logprobs
-get no drafts: those need per-position state the verify rows do not carry. Drafts come from a
-``Drafter`` (engine/worker/drafter.py).
+target distribution exactly. Logprobs of the kept tokens come from their verify rows. Requests
+with logits processors (grammar, logit bias) get no drafts: a processor's state advances token by
+token, which the verify rows do not carry. Drafts come from a ``Drafter`` (engine/worker/drafter.py).
 """
 from __future__ import annotations
 
@@ -74,9 +74,8 @@ def _race(weights: torch.Tensor, generator: torch.Generator | None) -> int:
 
 
 def can_speculate(request) -> bool:
-    """No logits processors (grammar, logit bias) and no logprobs: verification is exact."""
-    p = request.sampling_params
-    return not p.logits_processors and p.logprobs is None
+    """No logits processors (grammar, logit bias: their state advances token by token)."""
+    return not request.sampling_params.logits_processors
 
 
 def make_drafter(method: str):
