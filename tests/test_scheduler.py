@@ -396,3 +396,62 @@ def test_stats_report_queues_pools_and_prefix_counters():
     assert stats["kv_cache"]["pools"]["window"]["live"] == 1
     assert stats["prefix_cache"]["query_tokens"] == 20
     assert 0 < stats["kv_cache"]["used_fraction"] <= 1
+
+
+# ---- verify chunks (speculative decoding) ---------------------------------------------------
+
+def _prefill(scheduler, request):
+    scheduler.add_request(request)
+    step(scheduler)  # the whole prompt, first token sampled
+    assert request.num_computed_tokens == request.num_tokens - 1
+
+
+def test_verify_chunk_keeps_accepted_drafts_and_rolls_back_the_rest():
+    s = make_scheduler()
+    r = make_request("a", num_prompt=14, max_tokens=10)
+    _prefill(s, r)
+    p = r.num_computed_tokens
+    r.draft_token_ids = [7, 8, 9]
+    out = s.schedule()
+    (chunk,) = out.chunks
+    assert chunk.token_ids == [r.output_token_ids[-1], 7, 8, 9] and chunk.num_drafts == 3 and chunk.start_pos == p
+    assert out.num_batched_tokens == 4 and r.draft_token_ids == []
+    # Two drafts accepted, then the target's own token: three new tokens, two of the drafts computed.
+    (delta,) = s.update(out, {}, {"a": [7, 8, 55]})
+    assert delta.new_token_ids == [7, 8, 55] and not delta.finished
+    assert r.output_token_ids[-3:] == [7, 8, 55]
+    assert r.num_computed_tokens == p + 3 == r.num_tokens - 1
+    s.kv.check_integrity()
+    # The next step feeds the target's token at the rolled-back position.
+    (chunk,) = s.schedule().chunks
+    assert chunk.token_ids == [55] and chunk.start_pos == p + 3
+
+
+def test_verify_chunk_stops_at_the_first_stop_token_and_at_max_tokens():
+    s = make_scheduler()
+    r = make_request("a", num_prompt=14, max_tokens=10, stop_token_ids=[8])
+    _prefill(s, r)
+    r.draft_token_ids = [7, 8, 9]
+    out = s.schedule()
+    (delta,) = s.update(out, {}, {"a": [7, 8, 9, 10]})
+    assert delta.finished and delta.new_token_ids == [7, 8] and delta.stop_reason == 8
+    assert r.output_token_ids[-2:] == [7, 8] and "a" not in s.requests
+    s2 = make_scheduler()
+    r2 = make_request("b", num_prompt=14, max_tokens=3)
+    _prefill(s2, r2)
+    r2.draft_token_ids = [7, 8, 9]
+    (delta,) = s2.update(s2.schedule(), {}, {"b": [7, 8, 9, 10]})
+    assert delta.finished and delta.finish_reason == "length" and len(r2.output_token_ids) == 3
+    assert s2.kv.usage().live_fraction == 0.0
+
+
+def test_verify_chunk_drafts_are_cut_to_the_budget_and_bad_results_refused():
+    s = make_scheduler(budget=3)
+    r = make_request("a", num_prompt=3, max_tokens=10)
+    _prefill(s, r)
+    r.draft_token_ids = [7, 8, 9, 10]
+    out = s.schedule()
+    assert out.chunks[0].num_drafts == 2 and out.num_batched_tokens == 3
+    for bad in ({}, {"a": []}, {"a": [1, 2, 3, 4]}, {"a": [1, -2]}, {"a": [True]}):
+        with pytest.raises(ValueError, match="verified"):
+            s.update(out, {}, bad)
