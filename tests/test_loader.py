@@ -97,13 +97,37 @@ def test_quantized_weight_without_scale(tiny_dir, tmp_path):
         _load(d)
 
 
-def test_mtp_tensors_are_skipped(tiny_dir, tmp_path, caplog):
-    d = _copy(tiny_dir, tmp_path / "mtp")
-    _rewrite(d, lambda t: t.update({"mtp.0.enorm.weight": torch.ones(128, dtype=torch.bfloat16)}))
+def test_mtp_tensors_are_skipped(tiny_dir, caplog):
+    mtp = [n for n in load_file(os.path.join(tiny_dir, "model.safetensors")) if n.startswith("mtp.")]
     with caplog.at_level("INFO"):
-        m = DeepseekV4(ModelConfig.from_dir(d))
-        report = load_weights(m, d)
-    assert report["skipped_mtp"] == 1 and "mtp" in caplog.text
+        m = DeepseekV4(ModelConfig.from_dir(tiny_dir))
+        report = load_weights(m, tiny_dir)
+    assert report["skipped_mtp"] == len(mtp) > 0 and "mtp" in caplog.text
+
+
+def test_make_tiny_writes_the_mtp_layer_in_the_official_layout(tiny_dir):
+    """spec §2.2 / §3.11: ``mtp.0.`` + a sliding-only block (no compressor, non-hash gate with a
+    bias) + FP8 ``e_proj``/``h_proj``, ``enorm``/``hnorm``/``norm`` and its own hc head."""
+    t = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    cfg = ModelConfig.from_dir(tiny_dir)
+    D = cfg.hidden_size
+    for name in ("e_proj", "h_proj"):
+        assert t[f"mtp.0.{name}.weight"].dtype == torch.float8_e4m3fn and t[f"mtp.0.{name}.weight"].shape == (D, D)
+        assert t[f"mtp.0.{name}.scale"].dtype == torch.float8_e8m0fnu
+    for name in ("enorm", "hnorm", "norm"):
+        assert t[f"mtp.0.{name}.weight"].dtype == torch.bfloat16 and t[f"mtp.0.{name}.weight"].shape == (D,)
+    assert {f"mtp.0.hc_head_{x}" for x in ("fn", "base", "scale")} <= set(t)
+    sliding = next(i for i, r in enumerate(cfg.compress_ratios) if r == 0)
+    block = {n[len(f"layers.{sliding}."):]: v for n, v in t.items() if n.startswith(f"layers.{sliding}.")}
+    block.pop("ffn.gate.tid2eid", None)  # the first sliding layers are hash layers; the MTP gate is not
+    mtp = {n[len("mtp.0."):]: v for n, v in t.items() if n.startswith("mtp.0.")}
+    assert set(block) | {"ffn.gate.bias"} <= set(mtp)
+    assert all(mtp[n].dtype == v.dtype and mtp[n].shape == v.shape for n, v in block.items())
+    assert not any("compressor" in n or "indexer" in n for n in mtp)
+    with open(os.path.join(tiny_dir, "config.json")) as f:
+        raw = json.load(f)
+    assert raw["num_nextn_predict_layers"] == 1 and raw["compress_ratios"][-1] == 0
+    assert len(raw["compress_ratios"]) == raw["num_hidden_layers"] + 1
 
 
 def test_missing_files_are_readable(tmp_path):
@@ -124,7 +148,8 @@ def test_expected_names_come_from_the_module_tree():
 
     cfg = tiny_config(1024, num_layers=5, compress_ratios=(0, 4, 128, 4, 128))
     model = DeepseekV4(cfg)
-    assert set(expected_tensors(model)) == set(random_official_tensors(cfg, 0))
+    written = set(random_official_tensors(cfg, 0))
+    assert set(expected_tensors(model)) == {n for n in written if not n.startswith("mtp.")}  # the loader skips mtp.*
     extra = torch.nn.Module()
     extra.enorm, extra.e_proj = RMSNorm(8, 1e-6), Linear(8, 4, torch.float32)
     model.mtp = torch.nn.ModuleList([extra])

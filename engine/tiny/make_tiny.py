@@ -64,8 +64,9 @@ def random_official_tensors(cfg: ModelConfig, seed: int, std: float = 0.02) -> d
         "hc_head_scale": near_one(1),
     }
     n_mix = (2 + hc) * hc
-    for i, ratio in enumerate(cfg.compress_ratios):
-        p = f"layers.{i}."
+
+    def block(p: str, ratio: int, hash_layer: bool) -> None:
+        """One decoder block's tensors under prefix ``p`` (the MTP block is a sliding, non-hash one)."""
         t[p + "attn_norm.weight"] = near_one(D)
         t[p + "ffn_norm.weight"] = near_one(D)
         for site in ("attn", "ffn"):
@@ -94,7 +95,7 @@ def random_official_tensors(cfg: ModelConfig, seed: int, std: float = 0.02) -> d
             t[p + prefix + "norm.weight"] = near_one(width)
         E, I = cfg.n_routed_experts, cfg.moe_intermediate_size
         t[p + "ffn.gate.weight"] = randn(E, D)
-        if cfg.is_hash_layer(i):
+        if hash_layer:
             t[p + "ffn.gate.tid2eid"] = torch.stack(
                 [torch.randperm(E, generator=g)[: cfg.num_experts_per_tok] for _ in range(cfg.vocab_size)]
             ).long()
@@ -106,12 +107,24 @@ def random_official_tensors(cfg: ModelConfig, seed: int, std: float = 0.02) -> d
             t[f"{p}ffn.experts.{e}.w3.weight"] = randn(I, D)
         for w, shape in (("w1", (I, D)), ("w2", (D, I)), ("w3", (I, D))):
             t[f"{p}ffn.shared_experts.{w}.weight"] = randn(*shape)
+
+    for i, ratio in enumerate(cfg.compress_ratios):
+        block(f"layers.{i}.", ratio, cfg.is_hash_layer(i))
+    # The MTP layer (spec §3.11), drawn after the main layers so that their weights do not change.
+    block("mtp.0.", 0, False)
+    t["mtp.0.e_proj.weight"] = randn(D, D)
+    t["mtp.0.h_proj.weight"] = randn(D, D)
+    for name in ("enorm", "hnorm", "norm"):
+        t[f"mtp.0.{name}.weight"] = near_one(D)
+    t["mtp.0.hc_head_fn"] = randn(hc, hc * D)
+    t["mtp.0.hc_head_base"] = randn(hc, s=0.1)
+    t["mtp.0.hc_head_scale"] = near_one(1)
     return t
 
 
 # Which official tensors are stored FP8 (block scales) in the released checkpoints.
 _FP8_SUFFIXES = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_a.weight",
-                 "attn.wo_b.weight", "attn.indexer.wq_b.weight")
+                 "attn.wo_b.weight", "attn.indexer.wq_b.weight", "mtp.0.e_proj.weight", "mtp.0.h_proj.weight")
 _F32_SUFFIXES = ("hc_head_fn", "hc_head_base", "hc_head_scale", "_fn", "_base", "_scale", "attn_sink", "ape",
                  "gate.bias")
 
@@ -174,7 +187,7 @@ def make_tiny(out_dir: str, seed: int = 0, vocab_size: int = 1024, shards: int =
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     save_safetensors(tensors, out_dir, max_shard_bytes=(total // shards + 1) if shards > 1 else None)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg.to_official_dict(), f, indent=2)
+        json.dump({**cfg.to_official_dict(), "num_nextn_predict_layers": 1}, f, indent=2)  # mtp.0.* is written
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"do_sample": True, "temperature": 1.0, "top_p": 1.0,
                    "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}, f, indent=2)
