@@ -127,6 +127,8 @@ def init_model(cfg: ModelConfig, seed: int) -> DeepseekV4:
     params = official_parameters(model)
     with torch.no_grad():  # copy_: expert weights are views into their stacks
         for name, value in random_official_tensors(cfg, seed).items():
+            if name.startswith("mtp."):  # the model has no MTP module yet (issue 13)
+                continue
             params[name].copy_(value.to(params[name].dtype))
     for name, p in model.named_parameters():
         p.requires_grad_(".indexer." not in name and not name.endswith("gate_bias"))
