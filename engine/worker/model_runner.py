@@ -24,7 +24,7 @@ from engine.worker.spec_decode import SpecCounts, accept_greedy, accept_sampled,
 from engine.worker.step_executor import make_step
 
 log = logging.getLogger(__name__)
-_GREEDY = SamplingParams(temperature=0)  # params for verify rows whose sampler pick is not used
+_GREEDY = SamplingParams(temperature=0)  # verify rows: the sampler gives the greedy pick and no logprobs
 
 
 @dataclass
@@ -97,10 +97,7 @@ class ModelRunner:
         if logits.shape[0] != len(sampling):  # verify chunks: several rows each
             return self._sample_with_verify(logits, [ch for ch in sched_out.chunks if ch.sample], requests)
         params: list[SamplingParams] = [requests[rid].sampling_params for rid in sampling]
-        for i, (rid, p) in enumerate(zip(sampling, params)):
-            for proc in p.logits_processors:
-                logits[i] = proc(requests[rid].output_token_ids, logits[i])
-        gens = [None if p.seed is None or p.greedy else self._generator(rid, p) for rid, p in zip(sampling, params)]
+        gens = [self._row_generator(logits, i, requests[rid]) for i, rid in enumerate(sampling)]
         out = self.sampler.sample(logits, params, gens)
         return SampledTokens(
             dict(zip(sampling, out.token_ids)),
@@ -115,14 +112,13 @@ class ModelRunner:
             p = requests[ch.request_id].sampling_params
             rows.append(len(params))
             if ch.num_drafts:
-                # A sampled verify chunk is decided below; the sampler's greedy pick there is unused.
-                params += [p if p.greedy else _GREEDY] * (1 + ch.num_drafts)
+                # Verify rows take the sampler's greedy pick (unused by a sampled chunk, decided
+                # below); their logprobs are computed below for the kept tokens only.
+                params += [_GREEDY] * (1 + ch.num_drafts)
                 gens += [None] * (1 + ch.num_drafts)
                 continue
-            for proc in p.logits_processors:
-                logits[len(params)] = proc(requests[ch.request_id].output_token_ids, logits[len(params)])
+            gens.append(self._row_generator(logits, len(params), requests[ch.request_id]))
             params.append(p)
-            gens.append(None if p.seed is None or p.greedy else self._generator(ch.request_id, p))
         out = self.sampler.sample(logits, params, gens)
         result = SampledTokens(spec=SpecCounts())
         counts = result.spec
@@ -140,12 +136,20 @@ class ModelRunner:
                 result.verified[rid] = tokens
                 counts.add(ch.num_drafts, len(tokens) - 1)
                 if p.logprobs is not None:
-                    result.logprobs[rid] = verify_logprobs(logits[r:r + len(tokens)], tokens, p.logprobs)
+                    result.logprobs[rid] = verify_logprobs(logits[r:r + len(tokens)], tokens, p)
                 continue
             result.token_ids[rid] = out.token_ids[r]
             if out.logprobs[r] is not None:
                 result.logprobs[rid] = [TokenLogprob(out.token_ids[r], out.logprobs[r], list(out.top_logprobs[r] or []))]
         return result
+
+    def _row_generator(self, logits: torch.Tensor, row: int, request) -> torch.Generator | None:
+        """Apply the request's logits processors to its row; its seeded generator (None: greedy or
+        unseeded)."""
+        p = request.sampling_params
+        for proc in p.logits_processors:
+            logits[row] = proc(request.output_token_ids, logits[row])
+        return None if p.seed is None or p.greedy else self._generator(request.request_id, p)
 
     def propose_drafts(self, requests: list, k: list[int]) -> list[list[int]]:
         """Drafts for the next step (``spec_decode.propose``; the drafter is built on first use)."""

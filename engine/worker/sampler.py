@@ -161,15 +161,12 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     return scaled.softmax(dim=-1)
 
 
-def verify_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: int) -> list[TokenLogprob]:
-    """Raw logprobs of a verify chunk's kept tokens, token i from logits row i (``[n, V]``), with
-    the ``num_top`` most likely of each row: what one-token steps would have reported."""
-    rows = logits.float().log_softmax(dim=-1)
+def verify_logprobs(logits: torch.Tensor, token_ids: list[int], params: SamplingParams) -> list[TokenLogprob]:
+    """Raw logprobs of a verify chunk's kept tokens, token i from logits row i (``[n, V]``), as the
+    sampler reports them for one-token steps (``_gather_logprobs``)."""
     ids = torch.tensor(token_ids, device=logits.device)
-    chosen = rows.gather(1, ids[:, None]).squeeze(1).tolist()
-    top_values, top_ids = rows.topk(min(num_top, rows.shape[1]), dim=-1)
-    return [TokenLogprob(t, lp, list(zip(i, v))) for t, lp, i, v in
-            zip(token_ids, chosen, top_ids.tolist(), top_values.tolist())]
+    logprobs, tops, _ = _gather_logprobs(logits.float(), ids, [params] * len(token_ids))
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(token_ids, logprobs, tops)]
 
 
 def _gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
