@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "mtp")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -41,7 +41,8 @@ class EngineConfig:
     compile: bool = False  # torch.compile(fullgraph=True) of the decode forward, any device
     enforce_eager: bool = False  # no CUDA graphs for decode on CUDA
     # Speculative decoding: drafts per running greedy sequence, verified in one target forward
-    # (0 = off). "ngram" = prompt lookup (engine/worker/drafter.py); the MTP drafter comes next.
+    # (0 = off). "ngram" = prompt lookup (engine/worker/drafter.py); "mtp" = the checkpoint's
+    # multi-token-prediction layer (engine/model/mtp.py), chained k times.
     speculative_tokens: int = 0
     speculative_method: str = "ngram"
     # Saturation policy: no drafts while more than this many sequences run (the verify rows

@@ -45,8 +45,12 @@ class EngineCore:
         cfg = self.model_config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
 
+        if self.uses_mtp and cfg.num_mtp_layers < 1:
+            raise ValueError(f"speculative_method 'mtp' needs a checkpoint with a multi-token-prediction layer; "
+                             f"{self.model_dir} has none (num_nextn_predict_layers is 0)")
         layout = CacheLayout.from_model(
-            list(cfg.compress_ratios), cfg.head_dim, cfg.index_head_dim, cfg.sliding_window, cfg.rope_dim,
+            # The MTP layer's window is one more sliding-only layer of the window pool.
+            list(cfg.compress_ratios) + [0] * self.uses_mtp, cfg.head_dim, cfg.index_head_dim, cfg.sliding_window, cfg.rope_dim,
             kv_dtype_bytes=torch.tensor([], dtype=self.dtype).element_size(), kv_cache_dtype=config.kv_cache_dtype,
             ring_slack=config.speculative_tokens,  # rejected drafts must not clobber live ring rows
         )
@@ -140,7 +144,12 @@ class EngineCore:
 
         return ModelRunner(self.model_dir, self.model_config, self.dtype, self.device, seed=cfg.seed,
                            compile=cfg.compile, enforce_eager=cfg.enforce_eager,
-                           speculative_method=cfg.speculative_method)
+                           speculative_method=cfg.speculative_method, speculative_tokens=cfg.speculative_tokens,
+                           speculative_max_batch=cfg.speculative_max_batch)
+
+    @property
+    def uses_mtp(self) -> bool:
+        return self.config.speculative_tokens > 0 and self.config.speculative_method == "mtp"
 
     def _kv_budget(self) -> int:
         if self.config.kv_cache_memory:
@@ -230,13 +239,14 @@ class EngineCore:
         self.last_step_stats = self._step_stats(sched_out.num_batched_tokens, num_prompt_tokens,
                                                 num_generation_tokens, sampled.spec)
         if self.config.speculative_tokens:
-            self._propose_drafts()
+            self._propose_drafts(sampled.drafts)
         return outputs
 
-    def _propose_drafts(self) -> None:
-        """Drafts for the next step of every running greedy decode, unless the batch is past
+    def _propose_drafts(self, drafted: dict[str, list[int]] | None) -> None:
+        """Drafts for the next step of every running decode, unless the batch is past
         ``speculative_max_batch`` (saturation: verify rows would cost more than they save). A
-        request gets no more drafts than its ``max_tokens`` and the context leave room for."""
+        request gets no more drafts than its ``max_tokens`` and the context leave room for.
+        ``drafted``: what the runner's MTP layer drafted in the step (None: ask the drafter)."""
         running = self.scheduler.running
         if len(running) > self.config.speculative_max_batch:
             return
@@ -251,6 +261,10 @@ class EngineCore:
             if left > 0:
                 wanted.append(r)
                 room.append(min(k, left))
+        if drafted is not None:
+            for r, n in zip(wanted, room):
+                r.draft_token_ids = drafted.get(r.request_id, [])[:n]
+            return
         for r, drafts in zip(wanted, self.runner.propose_drafts(wanted, room)):
             r.draft_token_ids = drafts
 

@@ -29,7 +29,7 @@ SUPPORTED_SCORING = ("sqrtsoftplus", "softmax", "sigmoid")
 _IGNORED_KEYS = {
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
     "initializer_range", "attention_dropout", "output_router_logits", "router_aux_loss_coef",
-    "router_jitter_noise", "pad_token_id", "num_nextn_predict_layers", "n_mtp_layers",
+    "router_jitter_noise", "pad_token_id",
     "auto_map", "_name_or_path", "name_or_path", "mlp_bias", "attention_bias",
     "dspark_block_size", "dspark_markov_rank", "dspark_noise_token_id", "dspark_target_layer_ids",
     "tie_word_embeddings", "topk_method", "norm_topk_prob", "hidden_act", "num_key_value_heads",
@@ -85,6 +85,9 @@ class ModelConfig:
     # Quantised storage: FP8 block size for F8_E4M3 weights, and the routed experts' format.
     fp8_block: tuple[int, int] | None = None
     expert_dtype: str | None = None  # None (same as other weights), "fp4" or "fp8"
+    # Multi-token-prediction layers shipped as ``mtp.N.*`` (spec §3.11; V4 ships one). Each is a
+    # sliding-only, non-hash block after the main layers; speculative decoding drafts with it.
+    num_mtp_layers: int = 0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ---- derived ----------------------------------------------------------------------
@@ -274,6 +277,7 @@ class ModelConfig:
             eos_token_id=int(eos),
             fp8_block=fp8_block,
             expert_dtype=expert_dtype,
+            num_mtp_layers=int(take("num_nextn_predict_layers", 0, "n_mtp_layers")),
             extra={k: cfg[k] for k in cfg if k in _IGNORED_KEYS},
         )
         unknown = sorted(set(cfg) - used - _IGNORED_KEYS)
@@ -306,7 +310,7 @@ class ModelConfig:
             "o_groups": self.o_groups,
             "o_lora_rank": self.o_lora_rank,
             "sliding_window": self.sliding_window,
-            "compress_ratios": list(self.compress_ratios) + [0],  # + the (absent) MTP layer
+            "compress_ratios": list(self.compress_ratios) + [0] * max(1, self.num_mtp_layers),  # + MTP layers
             "compress_rope_theta": self.compress_rope_theta,
             "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_position_embeddings,
@@ -328,7 +332,7 @@ class ModelConfig:
             "hc_sinkhorn_iters": self.hc_sinkhorn_iters,
             "hc_eps": self.hc_eps,
             "rms_norm_eps": self.rms_norm_eps,
-            "num_nextn_predict_layers": 0,
+            "num_nextn_predict_layers": self.num_mtp_layers,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "tie_word_embeddings": False,

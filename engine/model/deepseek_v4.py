@@ -2,7 +2,9 @@
 
 ``forward(batch, cache)`` reads only the ``ForwardBatch`` (token ids, positions, per-sequence
 cache handles) and the ``KVCache`` tensors; it returns final hidden states for the rows whose
-logits are wanted. ``compute_logits`` applies the head in fp32.
+logits are wanted. ``compute_logits`` applies the head in fp32. With ``mtp=True`` the model also
+holds the checkpoint's multi-token-prediction layer (``self.mtp[0]``, engine/model/mtp.py), which
+reads the final streams of every row (``streams``).
 """
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ from torch import nn
 from engine.worker.input_batch import ForwardBatch
 from engine.model.config import ModelConfig
 from engine.worker.kv_cache import KVCache
-from engine.model.attention import Attention
 from engine.model.layers import RMSNorm, model_rotaries
-from engine.model.mhc import HyperConnection, HyperHead
-from engine.model.moe import MoE
+from engine.model.block import Block
+from engine.model.mhc import HyperHead
+from engine.model.mtp import MtpLayer
 from engine.model.sharding import Split, tensor_split
 
 
@@ -50,37 +52,9 @@ class Parallel:
         return tensor_split(name, cfg, self.tp_size, self.tp_rank, self.ep, self.vocab_range(cfg.vocab_size))
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, par: Parallel):
-        super().__init__()
-        self.layer = layer
-        self.rope_kind = "compress" if cfg.compress_ratios[layer] else "main"
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        hc_args = (cfg.hc_mult, cfg.hidden_size, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
-        self.hc_attn = HyperConnection(*hc_args)
-        self.hc_ffn = HyperConnection(*hc_args)
-        self.attn = Attention(cfg, layer, dtype, par.tp_size)
-        # Under plain TP every expert's intermediate is split; under EP experts are whole.
-        inter_split = 1 if par.ep else par.tp_size
-        moe_cfg = cfg
-        if inter_split > 1:
-            from dataclasses import replace
-            moe_cfg = replace(cfg, moe_intermediate_size=cfg.moe_intermediate_size // inter_split)
-        self.ffn = MoE(moe_cfg, layer, dtype, par.expert_range(cfg.n_routed_experts),
-                       shared_inter=cfg.moe_intermediate_size // par.tp_size)
-
-    def forward(self, streams, batch: ForwardBatch, cache: KVCache, rotaries, reduce):
-        x, post, comb = self.hc_attn.pre(streams)
-        y = self.attn(self.attn_norm(x), batch, cache, rotaries[self.rope_kind], reduce)
-        streams = HyperConnection.post(y, streams, post, comb)
-        x, post, comb = self.hc_ffn.pre(streams)
-        y = self.ffn(self.ffn_norm(x), batch.input_ids, reduce)
-        return HyperConnection.post(y, streams, post, comb)
-
-
 class DeepseekV4(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, par: Parallel | None = None):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, par: Parallel | None = None,
+                 mtp: bool = False):
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
         self.par = par or Parallel()
@@ -92,6 +66,10 @@ class DeepseekV4(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.head = nn.Parameter(torch.zeros(hi - lo, cfg.hidden_size, dtype=dtype), requires_grad=False)
         self.rotaries = nn.ModuleDict(model_rotaries(cfg))
+        if mtp and cfg.num_mtp_layers < 1:
+            raise ValueError("the checkpoint has no multi-token-prediction layer (num_nextn_predict_layers is 0)")
+        # Named like the checkpoint (``mtp.0.*``); only built when speculative decoding uses it.
+        self.mtp = nn.ModuleList([MtpLayer(cfg, dtype, self.par)] if mtp else [])
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         if self.par.tp_size == 1:
@@ -104,11 +82,27 @@ class DeepseekV4(nn.Module):
 
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """Final-normed hidden states ``[len(batch.logits_rows), D]``."""
+        return self.final_hidden(self.streams(batch, cache)[batch.logits_rows])
+
+    def streams(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """The last layer's output streams of every row, ``[T, hc, D]`` (before the HC head)."""
         x = self.embed_tokens(batch.input_ids)
         streams = x.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
         for block in self.layers:
             streams = block(streams, batch, cache, self.rotaries, self.par.all_reduce)
-        return self.norm(self.hc_head(streams[batch.logits_rows]))
+        return streams
+
+    def final_hidden(self, streams: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.hc_head(streams))
+
+    def mtp_hidden(self, streams: torch.Tensor, next_ids: torch.Tensor, batch: ForwardBatch,
+                   cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the MTP layer over ``batch``: its output streams ``[T, hc, D]`` and the
+        normed hidden states of ``batch.logits_rows`` (for ``compute_logits``: the token after
+        ``next_ids``)."""
+        layer = self.mtp[0]
+        out = layer(streams, self.embed_tokens(next_ids), batch, cache, self.rotaries, self.par.all_reduce)
+        return out, layer.final_hidden(out[batch.logits_rows])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 head (spec §3.1 step 4); vocab-parallel ranks gather their slices."""

@@ -6,7 +6,8 @@ Names are normalised to DeepSeek's official spelling (``embed.weight``, ``layers
 ``model.embed_tokens.weight``, ``model.hc_head.hc_fn``, ``layers.N.attn.norm`` for kv_norm) and
 its in-memory module names (``self_attn.q_a_proj`` …, merged ``experts.gate_up_proj``) are
 mapped onto it. Missing or unexpected tensors fail with the list of names; ``mtp.*`` tensors
-(the multi-token-prediction head, which we do not run) are skipped and logged.
+(the multi-token-prediction layer) load into a model built with it and are skipped and logged
+otherwise.
 """
 from __future__ import annotations
 
@@ -234,10 +235,12 @@ def load_weights(model: DeepseekV4, model_dir: str, keep_dense: bool = True,
     reader = CheckpointReader(model_dir)
     expected = expected_tensors(model)
     present = set(reader.names())
-    mtp = sorted(n for n in present if n.startswith("mtp."))
+    # The MTP layer's tensors load only into a model built with it (speculative method "mtp").
+    mtp = sorted(n for n in present if n.startswith("mtp.") and n not in expected
+                 and n.removesuffix(".scale") + ".weight" not in expected)
     present -= set(mtp)
     if mtp:
-        log.info("skipping %d multi-token-prediction tensors (mtp.*): not used for serving", len(mtp))
+        log.info("skipping %d multi-token-prediction tensors (mtp.*): not used without MTP drafting", len(mtp))
     merged = _load_merged_experts(reader, present, model, shard)
     scales = {n for n in present if n.endswith(".scale")}
     present -= scales
@@ -366,7 +369,7 @@ def _read_linear(reader: CheckpointReader, name: str, scale_name: str | None, sp
     raise CheckpointError(f"weight dtype {kind} with a .scale is not a supported quantised format")
 
 
-_EXPERT = re.compile(r"^layers\.\d+\.ffn\.experts\.(\d+)\.")
+_EXPERT = re.compile(r"^(?:layers|mtp)\.\d+\.ffn\.experts\.(\d+)\.")
 
 
 def _foreign_expert(name: str, model: DeepseekV4) -> bool:

@@ -47,7 +47,7 @@ def validate_parallel(cfg: ModelConfig, tp_size: int, expert_parallel: bool) -> 
                          + ", ".join(f"{k} ({v})" for k, v in bad.items()))
 
 
-_LAYER = r"^layers\.\d+\."
+_LAYER = r"^(?:layers|mtp)\.\d+\."  # main layers and the MTP layer split alike
 _ROW_PER_HEAD = re.compile(_LAYER + r"attn\.wq_b\.weight$")
 _SINK = re.compile(_LAYER + r"attn\.attn_sink$")
 _WO_A = re.compile(_LAYER + r"attn\.wo_a\.weight$")

@@ -169,6 +169,21 @@ class ForwardBatch:
             row, seq = row + count * length, seq + count
         return tiles
 
+    def following_decode(self, num_seqs: int, input_ids: torch.Tensor) -> "ForwardBatch":
+        """A decode batch of this batch's first ``num_seqs`` sequences, one token ``input_ids[b]``
+        each at the position after its last fed one (chained MTP drafting: built on the device
+        from this batch, no host round trip)."""
+        pos = self.end_pos[:num_seqs]
+        seqs = torch.arange(num_seqs + 1, device=pos.device)
+        start, end = pos, pos + 1
+        return ForwardBatch(
+            input_ids=input_ids, positions=start, seq_ids=seqs[:num_seqs], cu_seqlens=seqs, start_pos=start,
+            end_pos=end, window_slots=self.window_slots[:num_seqs], state_slots=self.state_slots[:num_seqs],
+            c4_tables=self.c4_tables[:num_seqs], c128_tables=self.c128_tables[:num_seqs],
+            logits_rows=seqs[:num_seqs],
+            plans={m: CompressPlan.one_each(start, end, m, seqs[:num_seqs]) for m in (CSA_RATIO, HCA_RATIO)},
+            max_end_pos=self.max_end_pos + 1, runs=((num_seqs, 1),))
+
     def newest_rows(self, span: int) -> torch.Tensor:
         """[T] bool: the row is among the last ``span`` positions of its sequence after this step
         (what a ring of ``span`` rows must keep)."""

@@ -152,7 +152,9 @@ class CompressorState:
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, shape: CacheShape, dtype: torch.dtype, device, num_local_index_heads=None,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", extra_window_layers: int = 0):
+        """``extra_window_layers``: sliding-only layers after the main ones (the MTP layer,
+        index ``cfg.num_layers``), which own a window ring and nothing else."""
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
         self.cfg, self.shape, self.dtype, self.device = cfg, shape, dtype, device
@@ -170,7 +172,7 @@ class KVCache:
         self.window_rows = W + shape.ring_slack  # ring rows; attention still reads W of them
         self.window = [torch.zeros(shape.num_window_slots + PAD_ROWS, self.window_rows, d, dtype=store_dtype,
                                    device=device)
-                       for _ in range(cfg.num_layers)]
+                       for _ in range(cfg.num_layers + extra_window_layers)]
         self.state: dict[tuple[int, str], CompressorState] = {}
         self.c4_kv: dict[int, torch.Tensor] = {}
         self.c4_idx: dict[int, torch.Tensor] = {}

@@ -19,6 +19,7 @@ from engine.sampling_params import SamplingParams
 from engine.worker.batch_builder import BatchBuilder
 from engine.worker.input_batch import ForwardBatch
 from engine.worker.kv_cache import CacheShape, KVCache
+from engine.worker.mtp_drafter import MtpDrafting
 from engine.worker.sampler import Sampler, filtered_probs, make_generator, verify_logprobs
 from engine.worker.spec_decode import SpecCounts, accept_greedy, accept_sampled, make_drafter, propose
 from engine.worker.step_executor import make_step
@@ -37,14 +38,20 @@ class SampledTokens:
     # Verify chunks (speculative decoding): every token the chunk yields, and the step's counts.
     verified: dict[str, list[int]] = field(default_factory=dict)
     spec: SpecCounts | None = None
+    # MTP drafting: the next step's drafts of every request that may speculate (None: no MTP).
+    drafts: dict[str, list[int]] | None = None
 
 
 class ModelRunner:
     def __init__(self, model_dir: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                  par: Parallel | None = None, seed: int = 0, shard_loader=None, compile: bool = False,
-                 enforce_eager: bool = False, speculative_method: str = "ngram"):
+                 enforce_eager: bool = False, speculative_method: str = "ngram", speculative_tokens: int = 0,
+                 speculative_max_batch: int = 32):
         self.cfg, self.dtype, self.device = cfg, dtype, device
-        self.model = DeepseekV4(cfg, dtype, par)
+        # MTP drafting runs the checkpoint's MTP layer after every step (MtpDrafting below).
+        self.mtp = MtpDrafting(speculative_tokens, speculative_max_batch) \
+            if speculative_method == "mtp" and speculative_tokens > 0 else None
+        self.model = DeepseekV4(cfg, dtype, par, mtp=self.mtp is not None)
         # On CPU dequantise once at load (fast matmuls); on GPU keep the quantised form.
         load_weights(self.model, model_dir, keep_dense=device.type == "cpu", shard=shard_loader)
         self.model.to(device)
@@ -53,13 +60,14 @@ class ModelRunner:
         self.sampler = Sampler(seed=seed)
         self._generators: dict[str, torch.Generator] = {}
         self.speculative_method, self.drafter = speculative_method, None
-        # Tensor-parallel ranks run eagerly: their collectives stay outside captured graphs.
-        parallel = par is not None and par.tp_size > 1
-        self.step = make_step(self._logits, torch.device(device), compile and not parallel,
-                              enforce_eager or parallel)
+        # Tensor-parallel ranks run eagerly: their collectives stay outside captured graphs. So do
+        # MTP steps for now: the MTP layer reads every row's final streams.
+        eager = (par is not None and par.tp_size > 1) or self.mtp is not None
+        self.step = make_step(self._logits, torch.device(device), compile and not eager, enforce_eager or eager)
 
     def allocate_cache(self, shape: CacheShape, kv_cache_dtype: str = "auto") -> None:
-        self.cache = KVCache(self.cfg, shape, self.dtype, self.device, kv_cache_dtype=kv_cache_dtype)
+        self.cache = KVCache(self.cfg, shape, self.dtype, self.device, kv_cache_dtype=kv_cache_dtype,
+                             extra_window_layers=len(self.model.mtp))
         self.builder = BatchBuilder(shape, self.cfg.max_position_embeddings, torch.device(self.device))
 
     def _logits(self, batch: ForwardBatch) -> torch.Tensor:
@@ -77,7 +85,12 @@ class ModelRunner:
         if chunks:
             decode = all(len(ch.token_ids) == 1 for ch in chunks)
             batch = self.builder.build(chunks, captured=self.step.captured)
-            if sampling or decode and self.step.captured:
+            if self.mtp is not None:  # keep every row's streams for the MTP layer
+                streams = self.model.streams(batch, self.cache)
+                self.mtp.target = (batch, streams)
+                if sampling:
+                    logits = self.model.compute_logits(self.model.final_hidden(streams[batch.logits_rows]))
+            elif sampling or decode and self.step.captured:
                 logits = self.step(batch, decode)
                 if decode and logits.shape[0] != len(sampling):  # a captured decode bucket: every row has logits
                     logits = logits[torch.tensor(sampling, device=logits.device)]
@@ -90,12 +103,23 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched_out, requests: dict) -> SampledTokens:
         _prepare_logits_processors(sched_out.chunks, requests)
-        logits = self.forward(sched_out.chunks, sched_out.copies_before, sched_out.copies_after)
-        sampling = [ch.request_id for ch in sched_out.chunks if ch.sample]
+        if self.mtp is None:
+            logits = self.forward(sched_out.chunks, sched_out.copies_before, sched_out.copies_after)
+            return self._sample(logits, sched_out.chunks, requests)
+        # With MTP the checkpoint snapshots wait for the MTP layer's window writes of this step.
+        logits = self.forward(sched_out.chunks, sched_out.copies_before)
+        sampled = self._sample(logits, sched_out.chunks, requests)
+        sampled.drafts = self.mtp.draft(self.model, self.builder, self.cache, sched_out.chunks, requests, sampled)
+        for c in sched_out.copies_after:
+            self.cache.copy(c.pool, c.src, c.dst)
+        return sampled
+
+    def _sample(self, logits: torch.Tensor | None, chunks, requests: dict) -> SampledTokens:
+        sampling = [ch.request_id for ch in chunks if ch.sample]
         if not sampling:
             return SampledTokens()
         if logits.shape[0] != len(sampling):  # verify chunks: several rows each
-            return self._sample_with_verify(logits, [ch for ch in sched_out.chunks if ch.sample], requests)
+            return self._sample_with_verify(logits, [ch for ch in chunks if ch.sample], requests)
         params: list[SamplingParams] = [requests[rid].sampling_params for rid in sampling]
         gens = [self._row_generator(logits, i, requests[rid]) for i, rid in enumerate(sampling)]
         out = self.sampler.sample(logits, params, gens)
