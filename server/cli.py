@@ -105,6 +105,9 @@ def _add_serve(subparsers) -> None:
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps on CUDA")
     engine.add_argument("--speculative-tokens", type=int, default=0,
                         help="draft tokens per greedy sequence, verified in one forward (0 = off)")
+    engine.add_argument("--speculative-method", choices=("ngram", "mtp"), default="ngram",
+                        help="where drafts come from: 'mtp' = the checkpoint's multi-token-prediction layer "
+                             "(V4 ships one), 'ngram' = prompt lookup")
     engine.add_argument("--speculative-max-batch", type=int, default=32,
                         help="no speculation while more sequences than this run")
     engine.add_argument("--engine-in-process", action="store_true",
@@ -202,7 +205,8 @@ def build_configs(args: argparse.Namespace):
         max_model_len=args.max_model_len,
         tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
         seed=args.seed, compile=args.compile, enforce_eager=args.enforce_eager,
-        speculative_tokens=args.speculative_tokens, speculative_max_batch=args.speculative_max_batch)
+        speculative_tokens=args.speculative_tokens, speculative_method=args.speculative_method,
+        speculative_max_batch=args.speculative_max_batch)
     api_keys = tuple(args.api_keys) + ((os.environ["DSV4_API_KEY"],) if os.environ.get("DSV4_API_KEY") else ())
     if not api_keys and not args.allow_no_api_key and not _is_loopback(args.host):
         raise ValueError(f"--host {args.host} serves beyond this machine: give --api-key KEY (or set DSV4_API_KEY), "

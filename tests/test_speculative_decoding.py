@@ -90,14 +90,17 @@ def checkpoint(request, tiny_dir, second_tiny_dir):
     return model, prompts, params, want
 
 
+@pytest.mark.parametrize("method", ["ngram", "mtp"])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_greedy_with_k_drafts_equals_plain_decoding(checkpoint, k):
+def test_greedy_with_k_drafts_equals_plain_decoding(checkpoint, k, method):
     model, prompts, params, (want, want_reasons) = checkpoint
     core = EngineCore(EngineConfig(model=model, max_num_seqs=16, prefix_cache_unit=64, speculative_tokens=k,
-                                   speculative_max_batch=16))
+                                   speculative_method=method, speculative_max_batch=16))
     got, reasons, counts = _run(core, prompts, params, "s")
     assert _greedy(got) == _greedy(want) and reasons == want_reasons
-    assert counts["drafts"] > 0 and 0 < counts["accepted"] <= counts["draft_tokens"], counts
+    assert counts["drafts"] > 0 and 0 <= counts["accepted"] <= counts["draft_tokens"], counts
+    if method == "ngram":  # random MTP weights rarely agree with the target; the demo model's do
+        assert counts["accepted"] > 0, counts
     # The same prompts again: prefix-cache hits, then verify chunks on top of restored state.
     hits_before = core.kv_manager.prefix_cache.counters()["hit_tokens"]
     again, reasons, _ = _run(core, prompts, params, "h")
@@ -106,20 +109,21 @@ def test_greedy_with_k_drafts_equals_plain_decoding(checkpoint, k):
     _assert_pools_empty(core)
 
 
-def test_speculation_under_forced_preemption(tiny_dir):
+@pytest.mark.parametrize("method", ["ngram", "mtp"])
+def test_speculation_under_forced_preemption(tiny_dir, method):
     # Long prompts (as in test_engine_paths) so that growing sequences run out of blocks.
     prompts = _prompts(1024, seed=4, lengths=[1, 1000, 37, 129, 250, 3, 64, 17, 300, 5, 90, 128, 200, 11, 45, 500])
     params = _params(prompts)
     plain = EngineCore(EngineConfig(model=tiny_dir, max_num_seqs=16, prefix_cache_unit=64))
     want = _run(plain, prompts, params, "p", per_step=16)[0]
-    probe = EngineCore(EngineConfig(model=tiny_dir, max_num_seqs=1, speculative_tokens=2))
+    probe = EngineCore(EngineConfig(model=tiny_dir, max_num_seqs=1, speculative_tokens=2, speculative_method=method))
     per_seq = sum(probe.layout.unit_bytes(p) for p in CachePool if probe.layout.pool_is_used(p))
     core = EngineCore(EngineConfig(model=tiny_dir, max_num_seqs=16, max_num_batched_tokens=997, prefix_cache_unit=64,
                                    kv_cache_memory=16 * per_seq, speculative_tokens=2,
-                                   speculative_max_batch=16))
+                                   speculative_method=method, speculative_max_batch=16))
     got, _, counts = _run(core, prompts, params, "s", per_step=16)
     assert core.stats()["preemptions"] > 0, "the test must really preempt"
-    assert counts["accepted"] > 0
+    assert counts["accepted"] > 0 if method == "ngram" else counts["drafts"] > 0
     assert _greedy(got) == _greedy(want)
     _assert_pools_empty(core)
 
