@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--speed-prompts", type=int, default=48, help="prompts for the tokens/s runs")
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--method", default="ngram")
+    ap.add_argument("--method", default="ngram", choices=("ngram", "mtp"))
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

@@ -139,7 +139,10 @@ class EngineCore:
 
             return ParallelModelRunner(self.model_dir, self.model_config, self.dtype, self.device,
                                        tp_size=cfg.tensor_parallel_size,
-                                       enable_expert_parallel=cfg.enable_expert_parallel, seed=cfg.seed)
+                                       enable_expert_parallel=cfg.enable_expert_parallel, seed=cfg.seed,
+                                       speculative_method=cfg.speculative_method,
+                                       speculative_tokens=cfg.speculative_tokens,
+                                       speculative_max_batch=cfg.speculative_max_batch)
         from engine.worker.model_runner import ModelRunner
 
         return ModelRunner(self.model_dir, self.model_config, self.dtype, self.device, seed=cfg.seed,
@@ -247,6 +250,8 @@ class EngineCore:
         ``speculative_max_batch`` (saturation: verify rows would cost more than they save). A
         request gets no more drafts than its ``max_tokens`` and the context leave room for.
         ``drafted``: what the runner's MTP layer drafted in the step (None: ask the drafter)."""
+        if drafted is None and self.uses_mtp:  # no forward ran: the drafts of the last one still hold
+            return
         running = self.scheduler.running
         if len(running) > self.config.speculative_max_batch:
             return

@@ -132,3 +132,21 @@ def test_serve_flags_select_mtp_drafting():
     assert (engine_config.speculative_tokens, engine_config.speculative_method) == (2, "mtp")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--speculative-method", "eagle"])
+
+
+def test_tensor_parallel_ranks_draft_what_one_process_drafts(tiny_dir):
+    """Every rank runs the MTP passes on its shard (vocab-parallel head, split heads, EP
+    experts): the drafts equal the single-process ones."""
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(2, 1024, (n,), generator=g).tolist() for n in (5, 90, 33)]
+    params = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)] * 3
+    config = dict(model=tiny_dir, max_num_seqs=4, kv_cache_memory=32 << 20, speculative_tokens=2,
+                  speculative_method="mtp")
+    one, parallel = [], []
+    _drive(EngineCore(EngineConfig(**config)), prompts, params, "a", one)
+    core = EngineCore(EngineConfig(**config, tensor_parallel_size=2, enable_expert_parallel=True))
+    try:
+        _drive(core, prompts, params, "a", parallel)
+    finally:
+        core.shutdown()
+    assert len(one) > 10 and parallel == one

@@ -235,16 +235,18 @@ def test_sampled_requests_speculate_and_stay_reproducible_by_seed(tiny_dir):
     assert run()[0] == first
 
 
-def test_speculation_with_tensor_and_expert_parallel(tiny_dir):
-    """Verify chunks through the tensor-parallel driver and its worker (rank 0 verifies)."""
+@pytest.mark.parametrize("method", ["ngram", "mtp"])
+def test_speculation_with_tensor_and_expert_parallel(tiny_dir, method):
+    """Verify chunks through the tensor-parallel driver and its worker (rank 0 verifies; with
+    MTP every rank runs the MTP passes on its shard)."""
     prompts = _prompts(1024, seed=12)[:6]
     params = [SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)] * 6
     want = _run(EngineCore(EngineConfig(model=tiny_dir, max_num_seqs=8)), prompts, params, "p")[0]
     core = EngineCore(EngineConfig(model=tiny_dir, max_num_seqs=8, kv_cache_memory=32 << 20, speculative_tokens=2,
-                                   tensor_parallel_size=2, enable_expert_parallel=True))
+                                   speculative_method=method, tensor_parallel_size=2, enable_expert_parallel=True))
     try:
         got, _, counts = _run(core, prompts, params, "s")
-        assert counts["accepted"] > 0
+        assert counts["accepted"] > 0 if method == "ngram" else counts["drafts"] > 0
         assert got == want
         _assert_pools_empty(core)
     finally:

@@ -111,4 +111,6 @@ def make_parallel(tp_size: int, tp_rank: int, expert_parallel: bool, vocab_size:
 def build_runner(spec: ModelSpec, rank: int, device: torch.device, group: dist.ProcessGroup,
                   runner_cls=ModelRunner, **kw) -> ModelRunner:
     par = make_parallel(spec.tp_size, rank, spec.expert_parallel, spec.cfg.vocab_size, group)
-    return runner_cls(spec.model_dir, spec.cfg, spec.dtype, device, par=par, seed=spec.seed, **kw)
+    return runner_cls(spec.model_dir, spec.cfg, spec.dtype, device, par=par, seed=spec.seed,
+                      speculative_method=spec.speculative_method, speculative_tokens=spec.speculative_tokens,
+                      speculative_max_batch=spec.speculative_max_batch, **kw)

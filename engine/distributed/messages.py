@@ -27,11 +27,14 @@ class ModelSpec:
     tp_size: int
     expert_parallel: bool
     seed: int
+    speculative_method: str = "ngram"  # "mtp": every rank holds the MTP layer and runs its passes
+    speculative_tokens: int = 0
+    speculative_max_batch: int = 32
 
 
 @dataclass
 class Command:
-    op: str  # "init" | "allocate" | "forward" | "report" | "shutdown"
+    op: str  # "init" | "allocate" | "forward" | "mtp" | "report" | "shutdown"
     payload: Any = None
 
 

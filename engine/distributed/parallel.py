@@ -26,6 +26,7 @@ and on every later call — instead of hanging clients.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,13 @@ class _LockstepRunner(ModelRunner):
         with self._group.guard("forward"):
             return super().forward(chunks, before, after)
 
+    def draft_with_mtp(self, plan, copies_after=()):
+        after = list(copies_after)
+        plan = replace(plan, chunks=[chunk_message(c) for c in plan.chunks])
+        self._group.send(Command("mtp", (plan, after)))
+        with self._group.guard("MTP drafting"):
+            return super().draft_with_mtp(plan, after)
+
 
 class ParallelModelRunner:
     """``ModelRunner``'s interface over ``tp_size`` ranks (this process is rank 0).
@@ -72,7 +80,8 @@ class ParallelModelRunner:
 
     def __init__(self, model_dir: str, cfg: ModelConfig, dtype: torch.dtype, device,
                  cache_shape: CacheShape | None = None, *, tp_size: int, enable_expert_parallel: bool = False,
-                 seed: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S):
+                 seed: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S, speculative_method: str = "ngram",
+                 speculative_tokens: int = 0, speculative_max_batch: int = 32):
         validate_parallel(cfg, tp_size, enable_expert_parallel)
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
@@ -97,7 +106,8 @@ class ParallelModelRunner:
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp_size))
             self._group = self._spawn(tp_size, timeout_s, device)
         self._group.join()
-        spec = ModelSpec(model_dir, cfg, dtype, device.type, tp_size, enable_expert_parallel, seed)
+        spec = ModelSpec(model_dir, cfg, dtype, device.type, tp_size, enable_expert_parallel, seed,
+                         speculative_method, speculative_tokens, speculative_max_batch)
         self._group.send(Command("init", spec))
         runner, own_error = None, None
         try:

@@ -54,6 +54,8 @@ def worker_loop(group: GroupSpec) -> None:
             cmd = box[0]
             if cmd.op == "forward":
                 runner.forward(*cmd.payload)
+            elif cmd.op == "mtp":
+                runner.draft_with_mtp(*cmd.payload)
             elif cmd.op == "allocate":
                 runner.allocate_cache(*cmd.payload)
             elif cmd.op == "report":

@@ -86,8 +86,7 @@ class ModelRunner:
             decode = all(len(ch.token_ids) == 1 for ch in chunks)
             batch = self.builder.build(chunks, captured=self.step.captured)
             if self.mtp is not None:  # keep every row's streams for the MTP layer
-                streams = self.model.streams(batch, self.cache)
-                self.mtp.target = (batch, streams)
+                streams = self.mtp.target_streams = self.model.streams(batch, self.cache)
                 if sampling:
                     logits = self.model.compute_logits(self.model.final_hidden(streams[batch.logits_rows]))
             elif sampling or decode and self.step.captured:
@@ -109,10 +108,18 @@ class ModelRunner:
         # With MTP the checkpoint snapshots wait for the MTP layer's window writes of this step.
         logits = self.forward(sched_out.chunks, sched_out.copies_before)
         sampled = self._sample(logits, sched_out.chunks, requests)
-        sampled.drafts = self.mtp.draft(self.model, self.builder, self.cache, sched_out.chunks, requests, sampled)
-        for c in sched_out.copies_after:
-            self.cache.copy(c.pool, c.src, c.dst)
+        sampled.drafts = self.draft_with_mtp(self.mtp.plan(sched_out.chunks, requests, sampled),
+                                             sched_out.copies_after)
         return sampled
+
+    @torch.inference_mode()
+    def draft_with_mtp(self, plan, copies_after=()) -> dict[str, list[int]]:
+        """The MTP passes of ``plan`` over the last forward's streams, then the step's checkpoint
+        snapshots (which must hold the MTP layer's window writes)."""
+        drafts = self.mtp.run(self.model, self.builder, self.cache, plan)
+        for c in copies_after:
+            self.cache.copy(c.pool, c.src, c.dst)
+        return drafts
 
     def _sample(self, logits: torch.Tensor | None, chunks, requests: dict) -> SampledTokens:
         sampling = [ch.request_id for ch in chunks if ch.sample]
