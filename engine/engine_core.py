@@ -254,9 +254,11 @@ class EngineCore:
         for r, drafts in zip(wanted, self.runner.propose_drafts(wanted, room)):
             r.draft_token_ids = drafts
 
-    def _cumulative_counters(self) -> dict[str, dict]:
-        """Every counter the step stats report as deltas, by stats field, totals so far."""
-        prefix = self.kv_manager.prefix_cache.counters()
+    def _cumulative_counters(self, prefix: dict | None = None) -> dict[str, dict]:
+        """Every counter the step stats report as deltas, by stats field, totals so far
+        (``prefix``: the prefix cache's counters, when the caller has them already)."""
+        if prefix is None:
+            prefix = self.kv_manager.prefix_cache.counters()
         return {
             "num_preemptions": {None: self.scheduler.num_preemptions},
             "prefix_cache_queries": {None: prefix["query_tokens"]},
@@ -269,14 +271,11 @@ class EngineCore:
 
     def _step_stats(self, num_scheduled: int, num_prompt: int, num_generated: int, spec=None) -> StepStats:
         """The stats of the step just run: counter growth since the previous step, state now."""
-        totals = self._cumulative_counters()
-        old, self._counter_totals = self._counter_totals, totals
-        deltas = {}
-        for name, counts in totals.items():
-            moved = {key: n - old[name].get(key, 0) for key, n in counts.items() if n != old[name].get(key, 0)}
-            deltas[name] = moved.get(None, 0) if None in counts else moved
-        usage = self.kv_manager.usage()
         prefix = self.kv_manager.prefix_cache.counters()
+        totals = self._cumulative_counters(prefix)
+        old, self._counter_totals = self._counter_totals, totals
+        deltas = _counter_deltas(old, totals)
+        usage = self.kv_manager.usage()
         return StepStats(
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=min(1.0, usage.live_fraction),
@@ -333,6 +332,18 @@ class EngineCore:
             store.close()
         if hasattr(self.runner, "shutdown"):
             self.runner.shutdown()
+
+
+def _counter_deltas(old: dict[str, dict], totals: dict[str, dict]) -> dict:
+    """By stats field, the growth from ``old`` to ``totals``: an int for a scalar counter (keyed
+    None), else a dict of the keys that moved. Most steps move nothing: one comparison then."""
+    if totals == old:
+        return {name: 0 if None in counts else {} for name, counts in totals.items()}
+    deltas = {}
+    for name, counts in totals.items():
+        moved = {key: n - old[name].get(key, 0) for key, n in counts.items() if n != old[name].get(key, 0)}
+        deltas[name] = moved.get(None, 0) if None in counts else moved
+    return deltas
 
 
 def _metrics(req: Request) -> RequestMetrics:

@@ -172,6 +172,7 @@ class KVCacheManager:
             elif count == 0:
                 raise ValueError(f"{name} must be >= 1 for this model, got 0")
             self.pools[pool] = BlockPool(pool.value, count)
+        self._unit_bytes = {pool: layout.unit_bytes(pool) for pool in self.pools}  # usage() reads it every step
         self.prefix_cache = PrefixCache(hash_page, enabled=enable_prefix_cache)
         self._tables: dict[str, BlockTable] = {}
         # Per pool: how many live tables hold each unit, and how many units at least one does.
@@ -618,7 +619,7 @@ class KVCacheManager:
         for kind, pool in self.pools.items():
             num_live = self._num_live[kind]
             pools[kind.value] = PoolUsage(pool.num_blocks, num_live, pool.num_used - num_live, pool.num_free)
-            unit = self.layout.unit_bytes(kind)
+            unit = self._unit_bytes[kind]
             checkpoint_bytes[kind.value] = (pool.num_used - num_live) * unit
             used_bytes += pool.num_used * unit
             live_bytes += num_live * unit

