@@ -210,7 +210,7 @@ class EngineCore:
                 return outputs
         deltas = self.scheduler.update(sched_out, sampled.token_ids, sampled.verified)
         num_prompt_tokens = num_generation_tokens = 0
-        requests, output, append = self._requests, self._output, outputs.append
+        requests, output, append, all_logprobs = self._requests, self._output, outputs.append, sampled.logprobs
         for delta in deltas:  # per sequence per step: keep it lean
             req = requests.get(delta.request_id)
             if req is None:
@@ -219,14 +219,14 @@ class EngineCore:
             num_generation_tokens += len(new_ids)
             if new_ids and len(req.output_token_ids) == len(new_ids):
                 num_prompt_tokens += len(req.prompt_token_ids)  # prefill done (once: not again after a preemption)
-            logprobs = sampled.logprobs.get(delta.request_id) if sampled.logprobs else None
+            logprobs = all_logprobs.get(delta.request_id) if all_logprobs else None
             if logprobs is not None and len(logprobs) > len(new_ids):  # a stop dropped verified tokens
                 logprobs = logprobs[:len(new_ids)]
             if delta.finished:
-                append(output(req, new_ids, delta.finish_reason, stop_reason=delta.stop_reason, logprobs=logprobs))
+                append(output(req, new_ids, delta.finish_reason, True, delta.stop_reason, logprobs))
                 self._forget(delta.request_id)
             else:
-                append(output(req, new_ids, None, finished=False, logprobs=logprobs))
+                append(output(req, new_ids, None, False, None, logprobs))  # positional: cheaper
         self.last_step_stats = self._step_stats(sched_out.num_batched_tokens, num_prompt_tokens,
                                                 num_generation_tokens, sampled.spec)
         if self.config.speculative_tokens:
@@ -310,7 +310,7 @@ class EngineCore:
         else:
             reason = stop_reason = None
         miss = req.miss_reason
-        if miss is not None:
+        if miss is not None and miss.__class__ is not str:  # a str already (the scheduler stores .value)
             miss = str(getattr(miss, "value", miss))
         cached = req.num_cached_tokens
         return RequestOutput(  # positional: this runs once per sequence per step

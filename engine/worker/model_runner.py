@@ -75,7 +75,7 @@ class ModelRunner:
         logits = None
         sampling = [i for i, ch in enumerate(chunks) if ch.sample]
         if chunks:
-            decode = all(len(ch.token_ids) == 1 for ch in chunks)
+            decode = all([len(ch.token_ids) == 1 for ch in chunks])  # a list: faster than a generator here
             batch = self.builder.build(chunks, captured=self.step.captured)
             if sampling or decode and self.step.captured:
                 logits = self.step(batch, decode)
@@ -89,15 +89,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched_out, requests: dict) -> SampledTokens:
-        _prepare_logits_processors(sched_out.chunks, requests)
-        logits = self.forward(sched_out.chunks, sched_out.copies_before, sched_out.copies_after)
         sampling = [ch.request_id for ch in sched_out.chunks if ch.sample]
+        sampling_requests = [requests[rid] for rid in sampling]
+        _prepare_logits_processors(sampling_requests)
+        logits = self.forward(sched_out.chunks, sched_out.copies_before, sched_out.copies_after)
         if not sampling:
             return SampledTokens()
         if logits.shape[0] != len(sampling):  # verify chunks: several rows each
             return self._sample_with_verify(logits, [ch for ch in sched_out.chunks if ch.sample], requests)
-        params: list[SamplingParams] = [requests[rid].sampling_params for rid in sampling]
-        gens = [self._row_generator(logits, i, requests[rid]) for i, rid in enumerate(sampling)]
+        params: list[SamplingParams] = [r.sampling_params for r in sampling_requests]
+        # Only rows with processors or a seed need `_row_generator` (most rows: no call).
+        gens = [self._row_generator(logits, i, r) if p.logits_processors or p.seed is not None else None
+                for i, (r, p) in enumerate(zip(sampling_requests, params))]
         out = self.sampler.sample(logits, params, gens)
         return SampledTokens(
             dict(zip(sampling, out.token_ids)),
@@ -170,13 +173,10 @@ class ModelRunner:
         self._generators.pop(request_id, None)
 
 
-def _prepare_logits_processors(chunks, requests: dict) -> None:
+def _prepare_logits_processors(sampling_requests: list) -> None:
     """Let processors with a `prepare(output_token_ids)` start their work (a grammar mask) now,
     so that it runs beside the forward instead of after it."""
-    for ch in chunks:
-        if not ch.sample:
-            continue
-        request = requests[ch.request_id]
+    for request in sampling_requests:
         for proc in request.sampling_params.logits_processors:
             prepare = getattr(proc, "prepare", None)
             if prepare is not None:
