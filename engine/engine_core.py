@@ -313,8 +313,10 @@ class EngineCore:
         if miss is not None and miss.__class__ is not str:  # a str already (the scheduler stores .value)
             miss = str(getattr(miss, "value", miss))
         cached = req.num_cached_tokens
-        return RequestOutput(  # positional: this runs once per sequence per step
-            req.request_id, list(new_ids), "", finished, reason, stop_reason, len(req.prompt_token_ids),
+        # `new_ids` is the output's own list (a fresh one from each caller: the scheduler's deltas
+        # are dropped after the step), so no copy; positional: this runs once per sequence per step.
+        return RequestOutput(
+            req.request_id, new_ids, "", finished, reason, stop_reason, len(req.prompt_token_ids),
             cached if cached > 0 else 0, miss or None, len(req.output_token_ids), logprobs, _metrics(req))
 
     def stats(self) -> dict:

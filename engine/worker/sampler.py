@@ -87,12 +87,13 @@ class Sampler:
         if len(generators) != num_rows:
             raise ValueError(f"generators has {len(generators)} entries for {num_rows} logits rows")
         logits = logits.float()
-        greedy_rows = [i for i, p in enumerate(params) if p.greedy]
-        if len(greedy_rows) == num_rows:  # all greedy: one argmax, no row gather
+        greedy = [p.greedy for p in params]
+        if all(greedy):  # all greedy: one argmax, no row gather
             token_ids = first_argmax(logits)
             return SamplerOutput(token_ids.tolist(), *_gather_logprobs(logits, token_ids, params))
         token_ids = torch.empty(num_rows, dtype=torch.long, device=logits.device)
-        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        greedy_rows = [i for i, g in enumerate(greedy) if g]
+        random_rows = [i for i, g in enumerate(greedy) if not g]
         if greedy_rows:
             idx = torch.tensor(greedy_rows, device=logits.device)
             token_ids[idx] = first_argmax(logits[idx])
