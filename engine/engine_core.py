@@ -222,7 +222,7 @@ class EngineCore:
                 return outputs
         deltas = self.scheduler.update(sched_out, sampled.token_ids, sampled.verified)
         num_prompt_tokens = num_generation_tokens = 0
-        requests, output, append = self._requests, self._output, outputs.append
+        requests, output, append, all_logprobs = self._requests, self._output, outputs.append, sampled.logprobs
         for delta in deltas:  # per sequence per step: keep it lean
             req = requests.get(delta.request_id)
             if req is None:
@@ -231,14 +231,14 @@ class EngineCore:
             num_generation_tokens += len(new_ids)
             if new_ids and len(req.output_token_ids) == len(new_ids):
                 num_prompt_tokens += len(req.prompt_token_ids)  # prefill done (once: not again after a preemption)
-            logprobs = sampled.logprobs.get(delta.request_id) if sampled.logprobs else None
+            logprobs = all_logprobs.get(delta.request_id) if all_logprobs else None
             if logprobs is not None and len(logprobs) > len(new_ids):  # a stop dropped verified tokens
                 logprobs = logprobs[:len(new_ids)]
             if delta.finished:
-                append(output(req, new_ids, delta.finish_reason, stop_reason=delta.stop_reason, logprobs=logprobs))
+                append(output(req, new_ids, delta.finish_reason, True, delta.stop_reason, logprobs))
                 self._forget(delta.request_id)
             else:
-                append(output(req, new_ids, None, finished=False, logprobs=logprobs))
+                append(output(req, new_ids, None, False, None, logprobs))  # positional: cheaper
         self.last_step_stats = self._step_stats(sched_out.num_batched_tokens, num_prompt_tokens,
                                                 num_generation_tokens, sampled.spec)
         if self.config.speculative_tokens:
@@ -273,9 +273,11 @@ class EngineCore:
         for r, drafts in zip(wanted, self.runner.propose_drafts(wanted, room)):
             r.draft_token_ids = drafts
 
-    def _cumulative_counters(self) -> dict[str, dict]:
-        """Every counter the step stats report as deltas, by stats field, totals so far."""
-        prefix = self.kv_manager.prefix_cache.counters()
+    def _cumulative_counters(self, prefix: dict | None = None) -> dict[str, dict]:
+        """Every counter the step stats report as deltas, by stats field, totals so far
+        (``prefix``: the prefix cache's counters, when the caller has them already)."""
+        if prefix is None:
+            prefix = self.kv_manager.prefix_cache.counters()
         return {
             "num_preemptions": {None: self.scheduler.num_preemptions},
             "prefix_cache_queries": {None: prefix["query_tokens"]},
@@ -288,14 +290,11 @@ class EngineCore:
 
     def _step_stats(self, num_scheduled: int, num_prompt: int, num_generated: int, spec=None) -> StepStats:
         """The stats of the step just run: counter growth since the previous step, state now."""
-        totals = self._cumulative_counters()
-        old, self._counter_totals = self._counter_totals, totals
-        deltas = {}
-        for name, counts in totals.items():
-            moved = {key: n - old[name].get(key, 0) for key, n in counts.items() if n != old[name].get(key, 0)}
-            deltas[name] = moved.get(None, 0) if None in counts else moved
-        usage = self.kv_manager.usage()
         prefix = self.kv_manager.prefix_cache.counters()
+        totals = self._cumulative_counters(prefix)
+        old, self._counter_totals = self._counter_totals, totals
+        deltas = _counter_deltas(old, totals)
+        usage = self.kv_manager.usage()
         return StepStats(
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=min(1.0, usage.live_fraction),
@@ -330,11 +329,13 @@ class EngineCore:
         else:
             reason = stop_reason = None
         miss = req.miss_reason
-        if miss is not None:
+        if miss is not None and miss.__class__ is not str:  # a str already (the scheduler stores .value)
             miss = str(getattr(miss, "value", miss))
         cached = req.num_cached_tokens
-        return RequestOutput(  # positional: this runs once per sequence per step
-            req.request_id, list(new_ids), "", finished, reason, stop_reason, len(req.prompt_token_ids),
+        # `new_ids` is the output's own list (a fresh one from each caller: the scheduler's deltas
+        # are dropped after the step), so no copy; positional: this runs once per sequence per step.
+        return RequestOutput(
+            req.request_id, new_ids, "", finished, reason, stop_reason, len(req.prompt_token_ids),
             cached if cached > 0 else 0, miss or None, len(req.output_token_ids), logprobs, _metrics(req))
 
     def stats(self) -> dict:
@@ -352,6 +353,18 @@ class EngineCore:
             store.close()
         if hasattr(self.runner, "shutdown"):
             self.runner.shutdown()
+
+
+def _counter_deltas(old: dict[str, dict], totals: dict[str, dict]) -> dict:
+    """By stats field, the growth from ``old`` to ``totals``: an int for a scalar counter (keyed
+    None), else a dict of the keys that moved. Most steps move nothing: one comparison then."""
+    if totals == old:
+        return {name: 0 if None in counts else {} for name, counts in totals.items()}
+    deltas = {}
+    for name, counts in totals.items():
+        moved = {key: n - old[name].get(key, 0) for key, n in counts.items() if n != old[name].get(key, 0)}
+        deltas[name] = moved.get(None, 0) if None in counts else moved
+    return deltas
 
 
 def _metrics(req: Request) -> RequestMetrics:

@@ -172,6 +172,7 @@ class KVCacheManager:
             elif count == 0:
                 raise ValueError(f"{name} must be >= 1 for this model, got 0")
             self.pools[pool] = BlockPool(pool.value, count)
+        self._unit_bytes = {pool: layout.unit_bytes(pool) for pool in self.pools}  # usage() reads it every step
         self.prefix_cache = PrefixCache(hash_page, enabled=enable_prefix_cache)
         self._tables: dict[str, BlockTable] = {}
         # Per pool: how many live tables hold each unit, and how many units at least one does.
@@ -414,13 +415,7 @@ class KVCacheManager:
         table = self._tables.get(request.request_id)
         if table is None:
             raise ValueError(f"request {request.request_id!r} is not admitted")
-        # Fast path, O(1): a block of T tokens holds T // ratio entries, so the entries of
-        # n tokens fill ceil(n // ratio / (T // ratio)) = ceil((n - n % ratio) / T) blocks;
-        # most steps cross no block boundary and touch no pool.
-        end = request.num_computed_tokens + num_new_tokens
-        c4_tokens, c128_tokens = self._c4_block_tokens, self._c128_block_tokens
-        c4_need = -(-(end - end % CSA_RATIO) // c4_tokens) - len(table.c4_blocks) if c4_tokens else 0
-        c128_need = -(-(end - end % HCA_RATIO) // c128_tokens) - len(table.c128_blocks) if c128_tokens else 0
+        c4_need, c128_need = self._blocks_missing(table, request.num_computed_tokens + num_new_tokens)
         if c4_need <= 0 and c128_need <= 0:
             return True
         needs = {CachePool.C4: max(0, c4_need), CachePool.C128: max(0, c128_need)}
@@ -431,6 +426,30 @@ class KVCacheManager:
             table.blocks(pool).extend(new)
             self._count_live([(pool, block) for block in new], 1)
         return True
+
+    def tables_with_room(self, requests, num_new_tokens: int) -> list[BlockTable | None]:
+        """Per request, its live table if it already holds the blocks for ``num_new_tokens`` more
+        tokens (``ensure_capacity`` would allocate nothing), else None. Allocates nothing: the
+        scheduler's decode fast path, one call for every running sequence of a step."""
+        get, missing, tables = self._tables.get, self._blocks_missing, []
+        for request in requests:
+            table = get(request.request_id)
+            if table is not None:
+                c4_need, c128_need = missing(table, request.num_computed_tokens + num_new_tokens)
+                if c4_need > 0 or c128_need > 0:
+                    table = None
+            tables.append(table)
+        return tables
+
+    def _blocks_missing(self, table: BlockTable, end: int) -> tuple[int, int]:
+        """(c4, c128) blocks ``table`` lacks for the entries of its first ``end`` tokens (<= 0:
+        none). O(1): a block of T tokens holds T // ratio entries, so the entries of n tokens fill
+        ceil(n // ratio / (T // ratio)) = ceil((n - n % ratio) / T) blocks; most steps cross no
+        block boundary and touch no pool."""
+        c4_tokens, c128_tokens = self._c4_block_tokens, self._c128_block_tokens
+        c4_need = -(-(end - end % CSA_RATIO) // c4_tokens) - len(table.c4_blocks) if c4_tokens else 0
+        c128_need = -(-(end - end % HCA_RATIO) // c128_tokens) - len(table.c128_blocks) if c128_tokens else 0
+        return c4_need, c128_need
 
     # ---- checkpoints ----------------------------------------------------------------------
 
@@ -618,7 +637,7 @@ class KVCacheManager:
         for kind, pool in self.pools.items():
             num_live = self._num_live[kind]
             pools[kind.value] = PoolUsage(pool.num_blocks, num_live, pool.num_used - num_live, pool.num_free)
-            unit = self.layout.unit_bytes(kind)
+            unit = self._unit_bytes[kind]
             checkpoint_bytes[kind.value] = (pool.num_used - num_live) * unit
             used_bytes += pool.num_used * unit
             live_bytes += num_live * unit

@@ -213,36 +213,12 @@ class Scheduler:
         A verify chunk (``num_drafts > 0``) takes ``verified[request_id]`` instead: its accepted
         drafts and the target's token after them (1 to ``num_drafts + 1`` tokens). Only the last
         known token and the accepted drafts are computed; the rest of the chunk is rolled back."""
-        done = []
-        requests, running = self.requests, RequestStatus.RUNNING
-        if not isinstance(sampled, dict):
-            sampled = {}
-        verified = verified or {}
-        for chunk in scheduler_output.chunks:
-            request = requests.get(chunk.request_id)
-            # Skip requests aborted or finished after schedule(), and stale outputs.
-            if request is None or request.status is not running:
-                continue
-            if request.num_computed_tokens != chunk.start_pos:
-                continue
-            if chunk.num_drafts:
-                tokens = verified.get(chunk.request_id)
-                if not isinstance(tokens, list) or not 1 <= len(tokens) <= chunk.num_drafts + 1 or any(
-                        not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in tokens):
-                    raise ValueError(f"verified must map {chunk.request_id!r} to 1..{chunk.num_drafts + 1} "
-                                     f"token ids, got {tokens!r}")
-            elif chunk.sample:
-                token = sampled.get(chunk.request_id)
-                if token.__class__ is not int and (not isinstance(token, int) or isinstance(token, bool)) \
-                        or token < 0:
-                    raise ValueError(f"sampled must map {chunk.request_id!r} to a token id, got {token!r}")
-            done.append((request, chunk))
-
+        done = self._applicable(scheduler_output.chunks, sampled if isinstance(sampled, dict) else {}, verified or {})
         mark_computed = self.kv.mark_computed if self.kv.enable_prefix_cache else None
         stops = {}  # verify chunks: (tokens kept, stop status, stop reason)
-        for request, chunk in done:
+        for request, chunk, tokens in done:
             if chunk.num_drafts:
-                stops[request.request_id] = self._append_verified(request, chunk, verified[request.request_id])
+                stops[request.request_id] = self._append_verified(request, chunk, tokens)
             else:
                 request.num_computed_tokens += len(chunk.token_ids)
             if mark_computed is not None:
@@ -250,32 +226,53 @@ class Scheduler:
         self.kv.commit_checkpoints()  # before finishing, so end-of-output keys dedupe
         self._in_flight.clear()
 
+        # Only now the sampled tokens: the checkpoints committed above read each request's tokens.
         deltas, self._deltas_from_schedule = self._deltas_from_schedule, []
-        now = self._clock()
-        for request, chunk in done:
+        now, max_model_len, append = self._clock(), self.config.max_model_len, deltas.append
+        for request, chunk, token in done:
             if not chunk.sample:
                 continue
-            if chunk.num_drafts:
-                kept, status, stop_reason = stops[request.request_id]
-                if request.first_token_time is None:
-                    request.first_token_time = now
-                if status is None:
-                    deltas.append(RequestDelta(request.request_id, kept, False))
-                else:
-                    self._finish(request, status, stop_reason, cache_output=True)
-                    deltas.append(RequestDelta(request.request_id, kept, True, request.finish_reason, stop_reason))
-                continue
-            token = sampled[request.request_id]
-            request.output_token_ids.append(token)
             if request.first_token_time is None:
                 request.first_token_time = now
-            status, stop_reason = token_stop(request, token, self.config.max_model_len)
+            if chunk.num_drafts:
+                kept, status, stop_reason = stops[request.request_id]
+            else:  # one decode token: the common case, every running sequence every step
+                request.output_token_ids.append(token)
+                status, stop_reason = token_stop(request, token, max_model_len)
+                kept = [token]
             if status is None:
-                deltas.append(RequestDelta(request.request_id, [token], False))
-                continue
-            self._finish(request, status, stop_reason, cache_output=True)
-            deltas.append(RequestDelta(request.request_id, [token], True, request.finish_reason, stop_reason))
+                append(RequestDelta(request.request_id, kept, False))
+            else:
+                self._finish(request, status, stop_reason, cache_output=True)
+                append(RequestDelta(request.request_id, kept, True, request.finish_reason, stop_reason))
         return deltas
+
+    def _applicable(self, chunks, sampled: dict[str, int], verified: dict[str, list[int]]) -> list[tuple]:
+        """(request, chunk, its sampled token / verified tokens / None) of every chunk whose request
+        still runs from where the chunk started (not aborted or finished since `schedule`, no stale
+        output). Checks every result before `update` changes anything: a bad one is a ValueError."""
+        done = []
+        requests, running, append = self.requests, RequestStatus.RUNNING, done.append
+        for chunk in chunks:
+            request = requests.get(chunk.request_id)
+            if request is None or request.status is not running or request.num_computed_tokens != chunk.start_pos:
+                continue
+            if chunk.num_drafts:
+                tokens = verified.get(chunk.request_id)
+                if not isinstance(tokens, list) or not 1 <= len(tokens) <= chunk.num_drafts + 1 or any(
+                        not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in tokens):
+                    raise ValueError(f"verified must map {chunk.request_id!r} to 1..{chunk.num_drafts + 1} "
+                                     f"token ids, got {tokens!r}")
+                append((request, chunk, tokens))
+            elif chunk.sample:
+                token = sampled.get(chunk.request_id)
+                if token.__class__ is not int and (not isinstance(token, int) or isinstance(token, bool)) \
+                        or token < 0:
+                    raise ValueError(f"sampled must map {chunk.request_id!r} to a token id, got {token!r}")
+                append((request, chunk, token))
+            else:
+                append((request, chunk, None))
+        return done
 
     def _append_verified(self, request: Request, chunk: ScheduledChunk, tokens: list[int]):
         """Append a verify chunk's tokens one by one under the stop rules (a stop drops the rest)
@@ -302,9 +299,11 @@ class Scheduler:
                 decodes.append(r)
             elif ahead > 1:
                 prefills.append(r)
-        running = RequestStatus.RUNNING
-        ensure_capacity, live_table, chunks = self.kv.ensure_capacity, self.kv.live_table, plan.chunks
-        for request in decodes:  # one token each: no chunking rule can shorten it
+        running, chunks = RequestStatus.RUNNING, plan.chunks
+        # Each decode's table if its blocks already cover one more token (read-only: a preemption
+        # below only changes its victim, whose status the loop checks).
+        tables = self.kv.tables_with_room(decodes, 1)
+        for request, table in zip(decodes, tables):  # one token each: no chunking rule can shorten it
             if plan.budget == 0:
                 return
             if request.status is not running:  # preempted earlier in this step
@@ -312,14 +311,17 @@ class Scheduler:
             if request.draft_token_ids:
                 self._add_verify(request, plan)
                 continue
-            # `_reserve` only when blocks are short (it may preempt); the chunk is the one token a
-            # decode feeds, its last known token. This loop runs for every running sequence every step.
-            if ensure_capacity(request, 1) or self._reserve(request, 1, plan):
-                request_id = request.request_id
-                token = (request.output_token_ids or request.prompt_token_ids)[-1]
-                chunks[request_id] = ScheduledChunk(request_id, [token], request.num_computed_tokens, True,
-                                                    live_table(request_id))
-                plan.budget -= 1
+            # `_reserve` only when blocks are short (it allocates, evicts or preempts); the chunk is
+            # the one token a decode feeds, its last known token. This loop runs for every running
+            # sequence every step.
+            if table is None:
+                if not self._reserve(request, 1, plan):
+                    continue
+                table = self.kv.live_table(request.request_id)
+            request_id = request.request_id
+            token = (request.output_token_ids or request.prompt_token_ids)[-1]
+            chunks[request_id] = ScheduledChunk(request_id, [token], request.num_computed_tokens, True, table)
+            plan.budget -= 1
         for request in prefills:
             if plan.budget == 0:
                 return

@@ -110,7 +110,16 @@ class BlockTables:
 
     def rows_for(self, chunks, in_step: set[int]) -> list[int]:
         """The table row of every chunk's sequence, after writing its new blocks."""
-        return [self._update(ch.block_table.window_slot, ch.block_table, in_step) for ch in chunks]
+        rows, get = [], self._rows.get
+        for ch in chunks:  # every sequence every step: the common case inline, no call
+            bt = ch.block_table
+            entry = get(bt.window_slot)
+            if entry is not None and entry.table is bt and len(bt.c4_blocks) == len(entry.c4) \
+                    and len(bt.c128_blocks) == len(entry.c128):
+                rows.append(entry.row)  # most decode steps: the same live table, no block added
+            else:
+                rows.append(self._update(bt.window_slot, bt, in_step))
+        return rows
 
     def _evict(self, key: int) -> None:
         entry = self._rows.pop(key)
@@ -123,10 +132,8 @@ class BlockTables:
         return self.tables[ratio].dev[rows, :blocks]
 
     def _update(self, key: int, bt, in_step: set[int]) -> int:
+        """Write the blocks of ``bt`` its row lacks (``rows_for`` has checked it lacks some)."""
         entry = self._rows.get(key)
-        if entry is not None and entry.table is bt and len(bt.c4_blocks) == len(entry.c4) \
-                and len(bt.c128_blocks) == len(entry.c128):
-            return entry.row  # most decode steps: the same live table, no block added
         if entry is None:
             entry = self._rows[key] = _TableRow(self._take_row(in_step), [], [])
         # The scheduler hands its live table objects (KVCacheManager.live_table), whose lists only
@@ -196,7 +203,7 @@ class BatchBuilder:
         window_slots = [bt.window_slot for bt in bts]
         in_step = set(window_slots)
         rows = self.block_tables.rows_for(chunks, in_step)
-        decode = all(len(ch.token_ids) == 1 for ch in chunks)
+        decode = all([len(ch.token_ids) == 1 for ch in chunks])  # a list: faster than a generator here
         if decode:
             return self._build_decode(chunks, bts, window_slots, rows, in_step, captured)
         B = len(chunks)
@@ -233,7 +240,7 @@ class BatchBuilder:
         if captured:
             max_end = -(-max_end // CONTEXT_BUCKET) * CONTEXT_BUCKET
         ar = self._arange(Bp + 1)
-        if captured or all(ch.sample for ch in chunks):
+        if captured or all([ch.sample for ch in chunks]):
             logits_rows = ar[:Bp] if captured else ar[:B]  # captured: one shape per bucket, the runner picks
         else:
             logits_rows = self.buffers["logits_rows"].put([b for b, ch in enumerate(chunks) if ch.sample])

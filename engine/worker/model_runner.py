@@ -83,7 +83,7 @@ class ModelRunner:
         logits = None
         sampling = [i for i, ch in enumerate(chunks) if ch.sample]
         if chunks:
-            decode = all(len(ch.token_ids) == 1 for ch in chunks)
+            decode = all([len(ch.token_ids) == 1 for ch in chunks])  # a list: faster than a generator here
             batch = self.builder.build(chunks, captured=self.step.captured)
             if self.mtp is not None:  # keep every row's streams for the MTP layer
                 streams = self.mtp.target_streams = self.model.streams(batch, self.cache)
@@ -101,13 +101,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched_out, requests: dict) -> SampledTokens:
-        _prepare_logits_processors(sched_out.chunks, requests)
+        sampling = [requests[ch.request_id] for ch in sched_out.chunks if ch.sample]
+        _prepare_logits_processors(sampling)
         if self.mtp is None:
             logits = self.forward(sched_out.chunks, sched_out.copies_before, sched_out.copies_after)
-            return self._sample(logits, sched_out.chunks, requests)
+            return self._sample(logits, sched_out.chunks, sampling, requests)
         # With MTP the checkpoint snapshots wait for the MTP layer's window writes of this step.
         logits = self.forward(sched_out.chunks, sched_out.copies_before)
-        sampled = self._sample(logits, sched_out.chunks, requests)
+        sampled = self._sample(logits, sched_out.chunks, sampling, requests)
         sampled.drafts = self.draft_with_mtp(self.mtp.plan(sched_out.chunks, requests, sampled),
                                              sched_out.copies_after)
         return sampled
@@ -121,14 +122,17 @@ class ModelRunner:
             self.cache.copy(c.pool, c.src, c.dst)
         return drafts
 
-    def _sample(self, logits: torch.Tensor | None, chunks, requests: dict) -> SampledTokens:
-        sampling = [ch.request_id for ch in chunks if ch.sample]
-        if not sampling:
+    def _sample(self, logits: torch.Tensor | None, chunks, sampling_requests: list, requests: dict) -> SampledTokens:
+        """The step's tokens; ``sampling_requests``: the requests of the sampling chunks, in order."""
+        if not sampling_requests:
             return SampledTokens()
-        if logits.shape[0] != len(sampling):  # verify chunks: several rows each
+        if logits.shape[0] != len(sampling_requests):  # verify chunks: several rows each
             return self._sample_with_verify(logits, [ch for ch in chunks if ch.sample], requests)
-        params: list[SamplingParams] = [requests[rid].sampling_params for rid in sampling]
-        gens = [self._row_generator(logits, i, requests[rid]) for i, rid in enumerate(sampling)]
+        sampling = [r.request_id for r in sampling_requests]
+        params: list[SamplingParams] = [r.sampling_params for r in sampling_requests]
+        # Only rows with processors or a seed need `_row_generator` (most rows: no call).
+        gens = [self._row_generator(logits, i, r) if p.logits_processors or p.seed is not None else None
+                for i, (r, p) in enumerate(zip(sampling_requests, params))]
         out = self.sampler.sample(logits, params, gens)
         return SampledTokens(
             dict(zip(sampling, out.token_ids)),
@@ -201,13 +205,10 @@ class ModelRunner:
         self._generators.pop(request_id, None)
 
 
-def _prepare_logits_processors(chunks, requests: dict) -> None:
+def _prepare_logits_processors(sampling_requests: list) -> None:
     """Let processors with a `prepare(output_token_ids)` start their work (a grammar mask) now,
     so that it runs beside the forward instead of after it."""
-    for ch in chunks:
-        if not ch.sample:
-            continue
-        request = requests[ch.request_id]
+    for request in sampling_requests:
         for proc in request.sampling_params.logits_processors:
             prepare = getattr(proc, "prepare", None)
             if prepare is not None:
