@@ -124,6 +124,37 @@ def test_engine_drafts_equal_the_mtp_layer_run_from_scratch(tiny_dir, k=3):
         assert drafts == _reference_drafts(model, history, k)[:len(drafts)], len(history)
 
 
+def test_demo_model_drafts_are_accepted_and_match_the_layer_from_scratch():
+    """The embedded demo model's trained MTP head: most drafts are accepted, so verify chunks
+    keep several tokens and the catch-up passes cover several rows; its drafts still equal the
+    MTP layer run from scratch."""
+    from demo.demo_data import eval_conversations
+    from engine.default_model import default_model_dir
+    from engine.tokenizer import Tokenizer
+
+    model_dir = default_model_dir()
+    tok = Tokenizer.from_dir(model_dir)
+    convs = eval_conversations(seed=1, per_kind=2)[:4]
+    prompts = [tok.encode(c.render(c.prompt_messages(), add_generation_prompt=True)) for c in convs]
+    params = [SamplingParams(max_tokens=24, temperature=0)] * len(prompts)
+    core = EngineCore(EngineConfig(model=model_dir, max_num_seqs=4, speculative_tokens=2, speculative_method="mtp"))
+    seen, drafts, accepted = [], 0, 0
+    pending = list(range(len(prompts)))
+    while pending or core.has_unfinished():
+        if pending:
+            i = pending.pop(0)
+            core.add_request(f"r{i}", prompts[i], params[i])
+        core.step()
+        drafts += core.last_step_stats.spec_num_draft_tokens
+        accepted += core.last_step_stats.spec_num_accepted_tokens
+        seen += [(r.prompt_token_ids + r.output_token_ids, list(r.draft_token_ids))
+                 for r in core.scheduler.running if r.draft_token_ids]
+    assert drafts > 40 and accepted > 0.5 * drafts, (accepted, drafts)
+    model = _mtp_model(model_dir)
+    for history, got in seen:
+        assert got == _reference_drafts(model, history, 2)[:len(got)], len(history)
+
+
 def test_serve_flags_select_mtp_drafting():
     from server.cli import build_configs, build_parser
 
