@@ -50,7 +50,8 @@ class EngineCore:
                              f"{self.model_dir} has none (num_nextn_predict_layers is 0)")
         layout = CacheLayout.from_model(
             # The MTP layer's window is one more sliding-only layer of the window pool.
-            list(cfg.compress_ratios) + [0] * self.uses_mtp, cfg.head_dim, cfg.index_head_dim, cfg.sliding_window, cfg.rope_dim,
+            list(cfg.compress_ratios) + [0] * self.uses_mtp, cfg.head_dim, cfg.index_head_dim, cfg.sliding_window,
+            cfg.rope_dim,
             kv_dtype_bytes=torch.tensor([], dtype=self.dtype).element_size(), kv_cache_dtype=config.kv_cache_dtype,
             ring_slack=config.speculative_tokens,  # rejected drafts must not clobber live ring rows
         )

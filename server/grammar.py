@@ -195,6 +195,33 @@ class GrammarProcessor:
             self._wait()
             self.prepare(output_token_ids)
         self._wait()
+        return self._mask(logits)
+
+    def mask_drafts(self, output_token_ids: Sequence[int], drafts: Sequence[int], rows) -> int:
+        """Speculative verify rows ``rows [1 + k, V]``: row 0 masked as ``__call__`` would, row i
+        as after ``drafts[:i]``, following the drafts through the matcher and rolling it back (the
+        state stays at ``output_token_ids``). Returns how many drafts it followed: it stops at one
+        the grammar refuses and in states it cannot roll back (reasoning, lost, terminated)."""
+        rows[0] = self(output_token_ids, rows[0])
+        followed = 0
+        for d in drafts:
+            if self._in_reasoning or self._lost or self._matcher.is_terminated() \
+                    or not self._matcher.accept_token(d):
+                break
+            followed += 1
+            self._fill_mask()
+            rows[followed] = self._mask(rows[followed])
+        if followed:
+            self._matcher.rollback(followed)
+            self._fill_mask()  # the current state's mask again (a later call may reuse it)
+        return followed
+
+    def _fill_mask(self) -> None:
+        if not self._matcher.is_terminated():  # a terminated matcher allows only EOS (`_mask`)
+            self._matcher.fill_next_token_bitmask(self._bitmask)
+
+    def _mask(self, logits):
+        """``logits`` masked by the current state (the bitmask holds its allowed tokens)."""
         if self._in_reasoning:  # free, but it may neither end the reply nor open a tool-call block
             logits[self._reasoning_forbidden.to(logits.device)] = float("-inf")
             return logits

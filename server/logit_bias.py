@@ -46,3 +46,9 @@ class LogitBias:
         if self._ids.device != logits.device:
             self._ids, self._values = self._ids.to(logits.device), self._values.to(logits.device)
         return logits.index_add(0, self._ids, self._values.to(logits.dtype))
+
+    def mask_drafts(self, output_token_ids: Sequence[int], drafts: Sequence[int], rows: torch.Tensor) -> int:
+        """Speculative verify rows: the same biases on every row (stateless)."""
+        for i in range(rows.shape[0]):
+            rows[i] = self(output_token_ids, rows[i])
+        return len(drafts)

@@ -21,7 +21,7 @@ from engine.worker.input_batch import ForwardBatch
 from engine.worker.kv_cache import CacheShape, KVCache
 from engine.worker.mtp_drafter import MtpDrafting
 from engine.worker.sampler import Sampler, filtered_probs, make_generator, verify_logprobs
-from engine.worker.spec_decode import SpecCounts, accept_greedy, accept_sampled, make_drafter, propose
+from engine.worker.spec_decode import SpecCounts, accept_greedy, accept_sampled, make_drafter, mask_drafts, propose
 from engine.worker.step_executor import make_step
 
 log = logging.getLogger(__name__)
@@ -142,11 +142,15 @@ class ModelRunner:
     def _sample_with_verify(self, logits: torch.Tensor, chunks: list, requests: dict) -> SampledTokens:
         """A step with verify chunks: greedy ones keep their agreeing drafts, sampled ones verify by
         rejection sampling (``spec_decode``); the other chunks sample as usual."""
-        params, gens, rows = [], [], []
+        params, gens, rows, verifiable = [], [], [], {}
         for ch in chunks:
             p = requests[ch.request_id].sampling_params
             rows.append(len(params))
             if ch.num_drafts:
+                # Logits processors mask each verify row as after the drafts before it, and say
+                # how many drafts they could follow (the rest count as rejected).
+                verifiable[ch.request_id] = mask_drafts(requests[ch.request_id], ch.token_ids[1:],
+                                                        logits[len(params):len(params) + 1 + ch.num_drafts])
                 # Verify rows take the sampler's greedy pick (unused by a sampled chunk, decided
                 # below); their logprobs are computed below for the kept tokens only.
                 params += [_GREEDY] * (1 + ch.num_drafts)
@@ -161,12 +165,13 @@ class ModelRunner:
             rid = ch.request_id
             if ch.num_drafts:
                 p = requests[rid].sampling_params
-                rows_k = slice(r, r + 1 + ch.num_drafts)
+                n = verifiable[rid]
+                drafts, rows_k = ch.token_ids[1:1 + n], slice(r, r + 1 + n)
                 if p.greedy:
-                    tokens = accept_greedy(ch.token_ids[1:], out.token_ids[rows_k])
+                    tokens = accept_greedy(drafts, out.token_ids[rows_k])
                 else:
-                    probs = filtered_probs(logits[rows_k].float(), [p] * (1 + ch.num_drafts))
-                    tokens = accept_sampled(probs, ch.token_ids[1:], self._generator(rid, p)
+                    probs = filtered_probs(logits[rows_k].float(), [p] * (1 + n))
+                    tokens = accept_sampled(probs, drafts, self._generator(rid, p)
                                             or self.sampler.shared_generator(logits.device))
                 result.verified[rid] = tokens
                 counts.add(ch.num_drafts, len(tokens) - 1)

@@ -7,8 +7,9 @@ with ``d(i+1) == g(i)`` — ``a`` drafts — and the target's token after it, so
 ``d1 … da, g(a)`` = ``g0 … g(a)``: exactly the tokens greedy decoding would have produced one by
 one. A sampled request verifies by rejection sampling (``accept_sampled``), which keeps the
 target distribution exactly. Logprobs of the kept tokens come from their verify rows. Requests
-with logits processors (grammar, logit bias) get no drafts: a processor's state advances token by
-token, which the verify rows do not carry. Drafts come from a ``Drafter`` (engine/worker/drafter.py).
+with logits processors (grammar, logit bias) speculate when every processor can mask verify rows
+(``mask_drafts``, below): row i as if drafts 1..i had been generated, its own state untouched. Drafts
+come from a ``Drafter`` (engine/worker/drafter.py) or the MTP layer (engine/worker/mtp_drafter.py).
 """
 from __future__ import annotations
 
@@ -74,8 +75,20 @@ def _race(weights: torch.Tensor, generator: torch.Generator | None) -> int:
 
 
 def can_speculate(request) -> bool:
-    """No logits processors (grammar, logit bias: their state advances token by token)."""
-    return not request.sampling_params.logits_processors
+    """Every logits processor can mask verify rows (``mask_drafts(output_token_ids, drafts,
+    rows) -> drafts it could follow``); a processor without it (its state advances token by token
+    only) keeps its request on plain decoding."""
+    return all(hasattr(p, "mask_drafts") for p in request.sampling_params.logits_processors)
+
+
+def mask_drafts(request, drafts: list[int], rows: torch.Tensor) -> int:
+    """Apply the request's processors to its verify rows ``rows [1 + k, V]`` in place (row i
+    as after ``drafts[:i]``); the number of leading drafts every processor could follow (a draft
+    a grammar refuses cannot be kept, nor anything after it: those count as rejected)."""
+    n = len(drafts)
+    for proc in request.sampling_params.logits_processors:
+        n = min(n, proc.mask_drafts(request.output_token_ids, drafts, rows))
+    return n
 
 
 def make_drafter(method: str):
