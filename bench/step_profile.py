@@ -15,6 +15,8 @@ Measured from outside the engine through its public API (``LLM`` → ``EngineCor
   sample + outputs (the runner's share — batch build, stub forward, sample — is timed apart).
 
     python bench/step_profile.py [--batch-sizes 1 32 128] [--host-seqs 256] [--host-steps 30]
+        [--speculative-tokens K --speculative-method mtp]   (decode steps with drafting; the MTP
+        layer's own ops are reported apart)
 
 A tiny 5-layer official-layout checkpoint (sliding, CSA, HCA, CSA, HCA) is made in a temp dir.
 """
@@ -99,7 +101,30 @@ def _hook_regions(model: nn.Module, counter: StepCounter) -> list:
     for block in model.layers:
         handles.append(block.register_forward_pre_hook(enter("layers")))
         handles.append(block.register_forward_hook(leave("forward")))
+    for layer in getattr(model, "mtp", ()):  # MTP drafting: its passes are counted apart
+        handles.append(layer.register_forward_pre_hook(enter("mtp")))
+        handles.append(layer.register_forward_hook(leave("outside")))
+        handles.append(_RegionWrap(model, "streams", counter))  # the target forward MTP steps call
     return handles
+
+
+class _RegionWrap:
+    """Tags ``obj.name(...)``'s ops as the forward (a method, not a module: no hooks), removable."""
+
+    def __init__(self, obj, name: str, counter: "StepCounter"):
+        self.obj, self.name = obj, name
+        orig = getattr(obj, name)
+
+        def wrapped(*args, **kwargs):
+            counter.region = "forward"
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                counter.region = "outside"
+        setattr(obj, name, wrapped)
+
+    def remove(self) -> None:
+        delattr(self.obj, self.name)
 
 
 class _TolistCounter:
@@ -142,9 +167,9 @@ def _start_decoding(llm: LLM, batch: int, prompt_len: int, vocab: int) -> None:
             break
 
 
-def profile_decode(model_dir: str, batch: int, prompt_len: int) -> dict:
+def profile_decode(model_dir: str, batch: int, prompt_len: int, spec: dict | None = None) -> dict:
     llm = LLM(model_dir, max_num_seqs=max(batch, 1), max_num_batched_tokens=max(2048, batch),
-              enable_prefix_cache=False, kv_cache_memory=512 * 1024 * 1024)
+              enable_prefix_cache=False, kv_cache_memory=512 * 1024 * 1024, **(spec or {}))
     model = llm.engine.runner.model
     _start_decoding(llm, batch, prompt_len, llm.engine.model_config.vocab_size)
     for _ in range(3):  # warm decode steps
@@ -164,6 +189,7 @@ def profile_decode(model_dir: str, batch: int, prompt_len: int) -> dict:
         "ops_per_layer": counter.ops["layers"] / n_layers,
         "ops_rest_of_forward": counter.ops["forward"],
         "ops_outside_forward": counter.ops["outside"],
+        "ops_mtp_layer": counter.ops["mtp"],  # every MTP pass of the step (catch-up + chain)
         "syncs_per_step": sum(counter.syncs.values()),
         "syncs_in_forward": counter.sync_regions["forward"] + counter.sync_regions["layers"],
         "sync_kinds": dict(counter.syncs),
@@ -242,12 +268,18 @@ def main() -> None:
     ap.add_argument("--host-seqs", type=int, default=256)
     ap.add_argument("--host-steps", type=int, default=30)
     ap.add_argument("--host-only", action="store_true", help="only the host step time (no op counting)")
+    ap.add_argument("--speculative-tokens", type=int, default=0,
+                    help="profile decode steps with drafting (verify chunks + the drafter's work)")
+    ap.add_argument("--speculative-method", default="ngram", choices=("ngram", "mtp"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_model(tmp)
-        rows = [] if args.host_only else [profile_decode(model_dir, b, args.prompt_len) for b in args.batch_sizes]
+        spec = dict(speculative_tokens=args.speculative_tokens, speculative_method=args.speculative_method,
+                    speculative_max_batch=max(args.batch_sizes)) if args.speculative_tokens else None
+        rows = [] if args.host_only else [profile_decode(model_dir, b, args.prompt_len, spec)
+                                          for b in args.batch_sizes]
         host = host_step_time(model_dir, args.host_seqs, args.host_steps)
     if args.json:
         print(json.dumps({"decode": rows, "host": host}, indent=2))
@@ -257,7 +289,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['batch']:>5} | {r['ops_per_layer']:>9.1f} | {r['ops_rest_of_forward']:>12} | "
               f"{r['ops_outside_forward']:>11} | {r['syncs_per_step']:>10} | {r['syncs_in_forward']:>10} | "
-              f"{r['sync_kinds']}")
+              f"{r['sync_kinds']}" + (f" | MTP layer ops {r['ops_mtp_layer']}" if r["ops_mtp_layer"] else ""))
     print(f"host step time at {host['seqs']} sequences (stub model, {host['steps']} steps): "
           f"median {host['median_ms']:.2f} ms, mean {host['mean_ms']:.2f} ms; of which the model runner "
           f"(batch build + stub forward + sample) median {host['runner_median_ms']:.2f} ms, the rest is the "
