@@ -315,8 +315,15 @@ def batch_losses(model: DeepseekV4, batch: TrainBatch, main: bool = True,
 def batch_loss(model: DeepseekV4, batch: TrainBatch,
                mtp_loss_weight: float = TrainSettings.mtp_loss_weight) -> torch.Tensor:
     """The joint training loss: next-token loss + ``mtp_loss_weight`` × MTP loss."""
-    main, mtp = batch_losses(model, batch, mtp=mtp_loss_weight > 0)
-    return main if mtp is None else main + mtp_loss_weight * mtp
+    return joint_loss(*batch_losses(model, batch, mtp=mtp_loss_weight > 0), mtp_loss_weight)
+
+
+def joint_loss(main: torch.Tensor | None, mtp: torch.Tensor | None, mtp_loss_weight: float) -> torch.Tensor:
+    """Next-token loss + ``mtp_loss_weight`` × MTP loss; either alone when the other is absent
+    (no MTP layer, or only the MTP head training)."""
+    if main is None or mtp is None:
+        return mtp if main is None else main
+    return main + mtp_loss_weight * mtp
 
 
 def step_examples(seed: int, step: int, batch_size: int, tokenizer: Tokenizer):
@@ -412,9 +419,7 @@ def _train(settings: TrainSettings, model: DeepseekV4, tokenizer: Tokenizer, pro
             losses.append(float(main.detach()))
         if mtp is not None:
             mtp_losses.append(float(mtp.detach()))
-        if head_only:
-            return mtp
-        return main if mtp is None else main + settings.mtp_loss_weight * mtp
+        return joint_loss(main, mtp, settings.mtp_loss_weight)
 
     while total is None or step < total:
         t0 = time.time()
