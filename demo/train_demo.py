@@ -48,7 +48,7 @@ from engine.worker.kv_cache import CacheShape, KVCache
 from engine.model.loader import CheckpointReader, expected_tensors, load_weights
 from engine.tiny.make_tiny import quantize_official, random_official_tensors, save_safetensors, tiny_config
 from engine.model.deepseek_v4 import DeepseekV4
-from engine.model.quant import fp8_block_dequantize, fp8_block_quantize, mxfp4_dequantize, mxfp4_quantize
+from kernels.quant import fp8_block_dequantize, fp8_block_quantize, mxfp4_dequantize, mxfp4_quantize
 from engine.tiny.tokenizer_train import DEEPSEEK_SPECIAL_TOKENS, train_tokenizer
 from engine.tokenizer import Tokenizer
 

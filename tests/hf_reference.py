@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.model.loader import CheckpointReader
-from engine.model.quant import fp8_block_dequantize, mxfp4_dequantize
+from kernels.quant import fp8_block_dequantize, mxfp4_dequantize
 
 # Two tiny configs that together cover every block: all three layer types, hash + routed MoE,
 # hc_mult > 1, o_groups > 1, YaRN on the compress rope, sparse top-k (index_topk < entries).

@@ -11,15 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.config import ModelConfig, YarnParams
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32; the weight multiplies in fp32 before the cast back (spec §3.10)."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = weight.float() * y
-    return y.to(x.dtype)
+from kernels.torch_math import apply_rope, rms_norm  # noqa: F401  (the model's names for them)
 
 
 class RMSNorm(nn.Module):
@@ -71,23 +63,6 @@ class Rotary(nn.Module):
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate pairs (2i, 2i+1) of the last ``2*cos.shape[-1]`` channels of ``x``.
-
-    ``x``: ``[T, ..., D]``; ``cos``/``sin``: ``[T, rope_dim/2]``. ``inverse`` applies the
-    conjugate rotation (used on the attention output, whose V carried rotated dims)."""
-    rd = cos.shape[-1] * 2
-    shape = [cos.shape[0]] + [1] * (x.dim() - 2) + [rd]
-    c = cos.repeat_interleave(2, dim=-1).view(shape)
-    s = sin.repeat_interleave(2, dim=-1).view(shape)
-    if inverse:
-        s = -s
-    nope, rope = x[..., :-rd], x[..., -rd:]
-    rotated_half = torch.stack((-rope[..., 1::2], rope[..., 0::2]), dim=-1).flatten(-2)
-    out = (rope.float() * c + rotated_half.float() * s).to(x.dtype)
-    return torch.cat([nope, out], dim=-1)
-
-
 # ---------------------------------------------------------------------------------------------
 # Linear layers
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +91,7 @@ class Linear(nn.Module):
         return self.dequantized()
 
     def dequantized(self) -> torch.Tensor:
-        from engine.model.quant import fp8_block_dequantize, mxfp4_dequantize
+        from kernels.quant import fp8_block_dequantize, mxfp4_dequantize
 
         if self.qformat == "fp8":
             return fp8_block_dequantize(self.qweight, self.qscale, self.dense.dtype)

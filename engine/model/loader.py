@@ -405,7 +405,7 @@ def _load_expert(stack: StackedExperts, local: int, part: str, w: torch.Tensor, 
     if logical != want:
         raise CheckpointError(f"shape {logical} does not match expected {want}")
     if keep_dense:
-        from engine.model.quant import fp8_block_dequantize, mxfp4_dequantize
+        from kernels.quant import fp8_block_dequantize, mxfp4_dequantize
 
         deq = fp8_block_dequantize if fmt == "fp8" else mxfp4_dequantize
         stack.set_dense(part, local, deq(w, scale, stack.gate_up_dense.dtype))

@@ -9,17 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.model.layers import rms_norm
-
-
-def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """Row softmax + eps, column-normalise, then ``iters - 1`` row/column rounds (spec §3.2.1)."""
-    c = torch.softmax(logits, dim=-1) + eps
-    c = c / (c.sum(dim=-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        c = c / (c.sum(dim=-1, keepdim=True) + eps)
-        c = c / (c.sum(dim=-2, keepdim=True) + eps)
-    return c
+from kernels.torch_math import rms_norm, sinkhorn
 
 
 class HyperConnection(nn.Module):

@@ -111,7 +111,7 @@ class StackedExperts(nn.Module):
         getattr(self, f"{part}_qscale")[local].copy_(qscale)
 
     def _dequantized(self, part: str) -> torch.Tensor:
-        from engine.model.quant import fp8_block_dequantize, mxfp4_dequantize
+        from kernels.quant import fp8_block_dequantize, mxfp4_dequantize
 
         q, s = getattr(self, f"{part}_qweight"), getattr(self, f"{part}_qscale")
         dtype = self.gate_up_dense.dtype

@@ -131,7 +131,7 @@ _F32_SUFFIXES = ("hc_head_fn", "hc_head_base", "hc_head_scale", "_fn", "_base", 
 
 def quantize_official(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Store tensors the way the official checkpoints do (spec §2.2–2.3)."""
-    from engine.model.quant import fp8_block_quantize, mxfp4_quantize
+    from kernels.quant import fp8_block_quantize, mxfp4_quantize
 
     out: dict[str, torch.Tensor] = {}
     for name, w in tensors.items():

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.model.config import ModelConfig
-from engine.model.quant import (fp4_block_dequantize, fp4_block_quantize, fp8_kv_dequantize, fp8_kv_quantize,
+from kernels.quant import (fp4_block_dequantize, fp4_block_quantize, fp8_kv_dequantize, fp8_kv_quantize,
                           hadamard_rotate)
 
 CSA_RATIO, HCA_RATIO = 4, 128
