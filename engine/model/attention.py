@@ -27,6 +27,7 @@ from engine.model.config import ModelConfig
 from engine.model.layers import Linear, RMSNorm, Rotary, apply_rope, rms_norm
 from engine.worker.input_batch import NO_SLOT, CompressPlan, ForwardBatch, QueryTile
 from engine.worker.kv_cache import CSA_RATIO, CompressorState, KVCache
+from engine.model.step_tables import StepTables
 import kernels
 from kernels import sink_attention
 from kernels.indexer import indexer_topk as running_topk
@@ -179,11 +180,12 @@ class Attention(nn.Module):
             self.indexer = Indexer(cfg, cfg.index_n_heads // tp_size, dtype)
         self.softmax_scale = d ** -0.5
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, rotary: Rotary,
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, tables: StepTables, rope_kind: str,
                 reduce: Reduce | None = None) -> torch.Tensor:
         cfg, d = self.cfg, self.cfg.head_dim
         T = x.shape[0]
-        cos, sin = rotary.cos_sin(batch.positions, x.dtype)
+        cos, sin = tables.token_rope[rope_kind]
+        rotary = tables.rotaries[rope_kind]
         q_lat = self.q_norm(self.wq_a(x))
         q = self.wq_b(q_lat).view(T, self.n_heads, d)
         q = rms_norm(q, None, cfg.rms_norm_eps)
@@ -201,10 +203,8 @@ class Attention(nn.Module):
             out = self._attend_in_place(q, kv, batch, cache, index_q, reduce, cos, sin)
         else:
             out = apply_rope(self._attend_gathered(q, kv, batch, cache, index_q, reduce), cos, sin, inverse=True)
-        # Store this step's newest ring-full of tokens of each sequence (after every read: the
-        # ring may wrap). With speculative slack that is more than W: the rows a rollback needs.
-        slots = torch.where(batch.newest_rows(cache.window_rows), batch.window_slots[batch.seq_ids], NO_SLOT)
-        cache.store_window(self.layer, slots, batch.positions, kv)
+        # Stored after every read: the ring may wrap.
+        cache.store_window(self.layer, tables.window_slots, batch.positions, kv)
         # Grouped output projection: group g = heads [g*hpg, (g+1)*hpg) → o_lora_rank each.
         grouped = out.view(T, self.n_groups, -1)
         w = self.wo_a.weight.view(self.n_groups, cfg.o_lora_rank, -1).to(x.dtype)

@@ -14,6 +14,7 @@ from engine.model.mhc import HyperConnection
 from engine.model.moe import MoE
 from engine.worker.input_batch import ForwardBatch
 from engine.worker.kv_cache import KVCache
+from engine.model.step_tables import StepTables
 
 if TYPE_CHECKING:
     from engine.model.deepseek_v4 import Parallel
@@ -38,9 +39,9 @@ class Block(nn.Module):
         self.ffn = MoE(moe_cfg, layer, dtype, par.expert_range(cfg.n_routed_experts),
                        shared_inter=cfg.moe_intermediate_size // par.tp_size)
 
-    def forward(self, streams, batch: ForwardBatch, cache: KVCache, rotaries, reduce):
+    def forward(self, streams, batch: ForwardBatch, cache: KVCache, tables: StepTables, reduce):
         x, post, comb = self.hc_attn.pre(streams)
-        y = self.attn(self.attn_norm(x), batch, cache, rotaries[self.rope_kind], reduce)
+        y = self.attn(self.attn_norm(x), batch, cache, tables, self.rope_kind, reduce)
         streams = HyperConnection.post(y, streams, post, comb)
         x, post, comb = self.hc_ffn.pre(streams)
         y = self.ffn(self.ffn_norm(x), batch.input_ids, reduce)

@@ -20,6 +20,7 @@ from engine.model.layers import RMSNorm, model_rotaries
 from engine.model.block import Block
 from engine.model.mhc import HyperHead
 from engine.model.mtp import MtpLayer
+from engine.model.step_tables import StepTables
 from engine.model.sharding import Split, tensor_split
 
 
@@ -88,8 +89,9 @@ class DeepseekV4(nn.Module):
         """The last layer's output streams of every row, ``[T, hc, D]`` (before the HC head)."""
         x = self.embed_tokens(batch.input_ids)
         streams = x.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
+        tables = StepTables.build(batch, cache, self.rotaries, self.dtype)
         for block in self.layers:
-            streams = block(streams, batch, cache, self.rotaries, self.par.all_reduce)
+            streams = block(streams, batch, cache, tables, self.par.all_reduce)
         return streams
 
     def final_hidden(self, streams: torch.Tensor) -> torch.Tensor:
@@ -101,7 +103,8 @@ class DeepseekV4(nn.Module):
         normed hidden states of ``batch.logits_rows`` (for ``compute_logits``: the token after
         ``next_ids``)."""
         layer = self.mtp[0]
-        out = layer(streams, self.embed_tokens(next_ids), batch, cache, self.rotaries, self.par.all_reduce)
+        tables = StepTables.build(batch, cache, self.rotaries, self.dtype)
+        out = layer(streams, self.embed_tokens(next_ids), batch, cache, tables, self.par.all_reduce)
         return out, layer.final_hidden(out[batch.logits_rows])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from engine.model.layers import Linear, RMSNorm
 from engine.model.mhc import HyperHead
 from engine.worker.input_batch import ForwardBatch
 from engine.worker.kv_cache import KVCache
+from engine.model.step_tables import StepTables
 
 if TYPE_CHECKING:
     from engine.model.deepseek_v4 import Parallel
@@ -49,12 +50,12 @@ class MtpLayer(Block):
         self.hc_head = HyperHead(cfg.hc_mult, D, cfg.hc_eps, eps)
         self.norm = RMSNorm(D, eps)
 
-    def forward(self, streams, next_embeds, batch: ForwardBatch, cache: KVCache, rotaries, reduce):
+    def forward(self, streams, next_embeds, batch: ForwardBatch, cache: KVCache, tables: StepTables, reduce):
         """Streams ``[T, hc, D]`` at ``batch.positions`` from the streams there (the target's, or
         this layer's own at the previous position when chaining) and the embeddings ``[T, D]`` of
         the tokens after them."""
         x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(next_embeds)).unsqueeze(1)
-        return super().forward(x, batch, cache, rotaries, reduce)
+        return super().forward(x, batch, cache, tables, reduce)
 
     def final_hidden(self, streams: torch.Tensor) -> torch.Tensor:
         """Normed hidden states for the shared head, from output streams ``[R, hc, D]``."""
