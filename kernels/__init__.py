@@ -10,7 +10,7 @@ from kernels import ops as _ops
 from kernels import sink_attention as _sink
 from kernels import sparse_attention as _sparse
 from kernels.kv_records import FP4_KEY, FP8_ENTRY, PLAIN
-from kernels.policy import BACKEND_ENV, backend_for
+from kernels.policy import BACKEND_ENV, backend_for, backend_for_device
 
 
 def sink_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor,
@@ -60,4 +60,4 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, seq: torch.Tensor, posit
                                  window_pool.shape[1] if window is None else int(window))
 
 
-__all__ = ["BACKEND_ENV", "backend_for", "indexer_topk", "sink_attention", "sparse_attention"]
+__all__ = ["BACKEND_ENV", "backend_for", "backend_for_device", "indexer_topk", "sink_attention", "sparse_attention"]

@@ -18,12 +18,17 @@ BACKENDS = ("torch", "triton")
 
 def backend_for(t: torch.Tensor) -> str:
     """``"triton"`` or ``"torch"``: which implementation an op on ``t`` runs."""
+    return backend_for_device(t.device)
+
+
+def backend_for_device(device: torch.device | str) -> str:
+    """``"triton"`` or ``"torch"``: which implementation ops on tensors of ``device`` run."""
     forced = os.environ.get(BACKEND_ENV, "")
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {forced!r}")
         return forced
-    return "triton" if t.is_cuda else "torch"
+    return "triton" if torch.device(device).type == "cuda" else "torch"
 
 
 def use_triton(t: torch.Tensor) -> bool:

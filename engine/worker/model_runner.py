@@ -23,6 +23,7 @@ from engine.worker.mtp_drafter import MtpDrafting
 from engine.worker.sampler import Sampler, filtered_probs, make_generator, verify_logprobs
 from engine.worker.spec_decode import SpecCounts, accept_greedy, accept_sampled, make_drafter, mask_drafts, propose
 from engine.worker.step_executor import make_step
+import kernels
 
 log = logging.getLogger(__name__)
 _GREEDY = SamplingParams(temperature=0)  # verify rows: the sampler gives the greedy pick and no logprobs
@@ -52,8 +53,10 @@ class ModelRunner:
         self.mtp = MtpDrafting(speculative_tokens, speculative_max_batch) \
             if speculative_method == "mtp" and speculative_tokens > 0 else None
         self.model = DeepseekV4(cfg, dtype, par, mtp=self.mtp is not None)
-        # On CPU dequantise once at load (fast matmuls); on GPU keep the quantised form.
-        load_weights(self.model, model_dir, keep_dense=device.type == "cpu", shard=shard_loader)
+        # The torch path dequantises once at load (dense matmuls); the kernel path keeps the stored
+        # FP8/FP4 form, which its GEMMs read in place.
+        keep_dense = kernels.backend_for_device(device) == "torch"
+        load_weights(self.model, model_dir, keep_dense=keep_dense, shard=shard_loader)
         self.model.to(device)
         self.cache: KVCache | None = None  # allocated once the KV budget is known
         self.builder: BatchBuilder | None = None
