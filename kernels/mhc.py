@@ -128,6 +128,9 @@ def _sinkhorn_tile(logits, ok, iters, eps):
     return c
 
 
+# One program per token row: the whole row (hc * D values) and all of fn pass through it. A decode
+# batch of T rows therefore runs on T SMs, each streaming fn from L2; splitting the projection over
+# K (or several rows per program with tl.dot, for prefill) is the next step if this shows in profiles.
 @triton.jit
 def _hc_mix_kernel(
     s_ptr, fn_ptr, base_ptr, scale_ptr, w_ptr, x_ptr, post_ptr, comb_ptr,
@@ -217,6 +220,7 @@ def _launch_mix(streams, fn, base, scale, norm_weight, iters, hc_eps, norm_eps, 
         x.stride(0), max(1, post.stride(0)), max(1, comb.stride(0)),
         HEAD=head, BLOCK_HC=triton.next_power_of_2(hc), BLOCK_K=BLOCK_K,
         BLOCK_D=min(BLOCK_D, triton.next_power_of_2(D)),
+        num_warps=8,  # the (2 + hc) * hc running dot products are ~6k fp32 accumulators per program
     )
     return x, post, comb
 
