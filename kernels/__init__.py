@@ -61,3 +61,45 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, seq: torch.Tensor, posit
 
 
 __all__ = ["BACKEND_ENV", "backend_for", "backend_for_device", "indexer_topk", "sink_attention", "sparse_attention"]
+
+
+# --- mHC (kernels/mhc.py) --------------------------------------------------------------------
+from kernels import mhc as _mhc  # noqa: E402  (section appended; imports kept with it)
+
+
+def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+           norm_weight: torch.Tensor, *, iters: int, hc_eps: float,
+           norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mHC before a sublayer, its RMSNorm fused in: streams ``[T, hc, D]``, fn ``[(2+hc)*hc, hc*D]``,
+    base ``[(2+hc)*hc]``, scale ``[3]``, norm_weight ``[D]`` → (x ``[T, D]`` in streams' dtype =
+    rms_norm(collapsed, norm_weight), post ``[T, hc]`` f32, comb ``[T, hc, hc]`` f32, doubly
+    stochastic after ``iters`` Sinkhorn rounds). ``HyperConnection.pre`` then the sublayer norm."""
+    _mhc.check_hc_mix_args(streams, fn, base, scale, norm_weight, head=False, iters=iters)
+    args = (streams, fn, base, scale, norm_weight, int(iters), float(hc_eps), float(norm_eps))
+    if backend_for(streams) == "torch":
+        return _mhc.hc_pre_torch(*args)
+    return _ops.hc_pre(*args)
+
+
+def hc_post(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """mHC after a sublayer: ``X'_k = post_k * out + sum_j comb[j, k] X_j`` (the sum over comb's
+    FIRST index); out ``[T, D]``, streams ``[T, hc, D]``, post ``[T, hc]``, comb ``[T, hc, hc]`` →
+    ``[T, hc, D]`` in streams' dtype. ``HyperConnection.post``."""
+    _mhc.check_hc_post_args(out, streams, post, comb)
+    if backend_for(streams) == "torch":
+        return _mhc.hc_post_torch(out, streams, post, comb)
+    return _ops.hc_post(out, streams, post, comb)
+
+
+def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+            norm_weight: torch.Tensor, *, hc_eps: float, norm_eps: float) -> torch.Tensor:
+    """The final collapse and RMSNorm: fn ``[hc, hc*D]``, base ``[hc]``, scale ``[1]``, norm_weight
+    ``[D]`` → ``[T, D]`` in streams' dtype. ``HyperHead`` then the model's final norm."""
+    _mhc.check_hc_mix_args(streams, fn, base, scale, norm_weight, head=True)
+    args = (streams, fn, base, scale, norm_weight, float(hc_eps), float(norm_eps))
+    if backend_for(streams) == "torch":
+        return _mhc.hc_head_torch(*args)
+    return _ops.hc_head(*args)
+
+
+__all__ += ["hc_head", "hc_post", "hc_pre"]

@@ -55,3 +55,45 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, seq: torch.Tensor, posit
 def _(q, kv, seq, positions, start_pos, window_slots, window_pool, sinks, scale, cos, sin, fmt,
       comp_pool, tables, comp_ids, comp_valid, ratio, num_entries, window):
     return torch.empty_like(q)
+
+
+# --- mHC (kernels/mhc.py) --------------------------------------------------------------------
+from kernels import mhc as _mhc  # noqa: E402  (section appended; imports kept with it)
+
+
+@torch.library.custom_op("dsv4::hc_pre", mutates_args=())
+def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+           norm_weight: torch.Tensor, iters: int, hc_eps: float,
+           norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _mhc.hc_pre_triton if use_triton(streams) else _mhc.hc_pre_torch
+    return impl(streams, fn, base, scale, norm_weight, iters, hc_eps, norm_eps)
+
+
+@hc_pre.register_fake
+def _(streams, fn, base, scale, norm_weight, iters, hc_eps, norm_eps):
+    T, hc, D = streams.shape
+    return (streams.new_empty(T, D), streams.new_empty(T, hc, dtype=torch.float32),
+            streams.new_empty(T, hc, hc, dtype=torch.float32))
+
+
+@torch.library.custom_op("dsv4::hc_head", mutates_args=())
+def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+            norm_weight: torch.Tensor, hc_eps: float, norm_eps: float) -> torch.Tensor:
+    impl = _mhc.hc_head_triton if use_triton(streams) else _mhc.hc_head_torch
+    return impl(streams, fn, base, scale, norm_weight, hc_eps, norm_eps)
+
+
+@hc_head.register_fake
+def _(streams, fn, base, scale, norm_weight, hc_eps, norm_eps):
+    return streams.new_empty(streams.shape[0], streams.shape[2])
+
+
+@torch.library.custom_op("dsv4::hc_post", mutates_args=())
+def hc_post(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    impl = _mhc.hc_post_triton if use_triton(streams) else _mhc.hc_post_torch
+    return impl(out, streams, post, comb)
+
+
+@hc_post.register_fake
+def _(out, streams, post, comb):
+    return torch.empty_like(streams, memory_format=torch.contiguous_format)
