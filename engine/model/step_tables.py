@@ -24,7 +24,7 @@ class StepTables:
 
     @classmethod
     def build(cls, batch: ForwardBatch, cache: KVCache, rotaries, dtype: torch.dtype) -> "StepTables":
-        rotaries = dict(rotaries)
+        rotaries = {kind: r for kind, r in rotaries.items()}
         token_rope = {kind: r.cos_sin(batch.positions, dtype) for kind, r in rotaries.items()}
         # Compressed entries only exist on compressor layers, which all rotate with "compress".
         entry_rope = {m: rotaries["compress"].cos_sin(plan.window * m, dtype) for m, plan in batch.plans.items()}
