@@ -40,9 +40,9 @@ class Block(nn.Module):
                        shared_inter=cfg.moe_intermediate_size // par.tp_size)
 
     def forward(self, streams, batch: ForwardBatch, cache: KVCache, tables: StepTables, reduce):
-        x, post, comb = self.hc_attn.pre(streams)
-        y = self.attn(self.attn_norm(x), batch, cache, tables, self.rope_kind, reduce)
+        x, post, comb = self.hc_attn.pre(streams, self.attn_norm)
+        y = self.attn(x, batch, cache, tables, self.rope_kind, reduce)
         streams = HyperConnection.post(y, streams, post, comb)
-        x, post, comb = self.hc_ffn.pre(streams)
-        y = self.ffn(self.ffn_norm(x), batch.input_ids, reduce)
+        x, post, comb = self.hc_ffn.pre(streams, self.ffn_norm)
+        y = self.ffn(x, batch.input_ids, reduce)
         return HyperConnection.post(y, streams, post, comb)

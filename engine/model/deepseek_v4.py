@@ -95,7 +95,7 @@ class DeepseekV4(nn.Module):
         return streams
 
     def final_hidden(self, streams: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.hc_head(streams))
+        return self.hc_head(streams, self.norm)
 
     def mtp_hidden(self, streams: torch.Tensor, next_ids: torch.Tensor, batch: ForwardBatch,
                    cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:

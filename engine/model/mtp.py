@@ -59,4 +59,4 @@ class MtpLayer(Block):
 
     def final_hidden(self, streams: torch.Tensor) -> torch.Tensor:
         """Normed hidden states for the shared head, from output streams ``[R, hc, D]``."""
-        return self.norm(self.hc_head(streams))
+        return self.hc_head(streams, self.norm)
