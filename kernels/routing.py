@@ -74,7 +74,9 @@ def moe_route_torch(logits: torch.Tensor, bias: torch.Tensor | None, token_ids: 
 def _scores(x, ok, SCORING: tl.constexpr):
     """Router scores of one row of logits ``x`` (lanes ``ok``; 0 elsewhere)."""
     if SCORING == 0:  # sqrt(softplus), softplus as F.softplus: x above its threshold 20, else log(1 + e^x)
-        sp = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+        y = tl.exp(-tl.abs(x))
+        u = 1.0 + y  # log1p(y) to full precision (Goldberg's trick): small scores keep their digits
+        sp = tl.maximum(x, 0.0) + tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
         s = tl.sqrt(tl.where(x > 20.0, x, sp))
     elif SCORING == 1:
         s = tl.sigmoid(x)
