@@ -11,8 +11,11 @@ memory is ``[Q, topk + chunk]`` whatever the context: the top-k of the whole ord
 descending, id ascending) does not depend on the chunking.
 
 ``indexer_scores_torch`` gathers and decodes the keys, ``indexer_scores_triton`` reads them in
-place from the pool through the block tables (FP4 records decoded in the kernel); both feed the
-same merge (``indexer_topk``), so a tie is broken the same way on either side. Scores agree to
+place from the pool through the block tables (FP4 records decoded in the kernel). The torch side
+merges each chunk with a dozen small torch ops and sorts once at the end; the Triton side merges
+each chunk in one launch (``indexer_merge_triton``, the best kept in final order), so a decode
+step with one chunk is two launches. Both orders are the same total order (score descending, id
+ascending), so equal scores give identical ids either way. Scores agree to
 float32 rounding (the sums run in a different order); with a tensor-parallel ``reduce`` the
 partial scores of each rank's heads are summed before the merge.
 """
