@@ -34,12 +34,14 @@ def indexer_topk(q: torch.Tensor, w: torch.Tensor, seq: torch.Tensor, visible: t
     fmt = FP4_KEY if fp4 else PLAIN
     _idx.check_indexer_args(q, w, seq, visible, tables, pool, fmt, topk)
     Q, H, D = q.shape
-    if backend_for(q) == "triton":
+    merge = None
+    if backend_for(q) == "triton":  # per chunk: the scores and one fused merge (final order kept)
         chunk = workspace_elements // max(1, Q)
+        merge = _ops.indexer_merge
     else:  # the twin gathers [Q, chunk, dim] keys and forms [Q, H, chunk] scores
         chunk = workspace_elements // max(1, Q * (H + D))
     return _idx.indexer_topk(lambda c0, c1: _ops.indexer_scores(q, w, seq, visible, tables, pool, fmt, c0, c1), Q,
-                             visible, num_entries, topk, chunk, reduce)
+                             visible, num_entries, topk, chunk, reduce, merge)
 
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, seq: torch.Tensor, positions: torch.Tensor,
@@ -103,3 +105,27 @@ def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: 
 
 
 __all__ += ["hc_head", "hc_post", "hc_pre"]
+
+
+__all__ = ["BACKEND_ENV", "backend_for", "indexer_topk", "sink_attention", "sparse_attention"]
+
+
+# --- MoE routing (kernels/routing.py) ---
+from kernels import routing as _route  # noqa: E402
+
+
+def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, token_ids: torch.Tensor,
+              tid2eid: torch.Tensor | None, *, top_k: int, scoring: str,
+              scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE routing after the gate GEMM: ``logits [T, E]`` fp32 → expert indices ``[T, top_k]``
+    int64 and weights ``[T, top_k]`` fp32. ``scoring``: ``"sqrtsoftplus" | "sigmoid" | "softmax"``;
+    hash layers (``tid2eid [V, top_k]``) take ``tid2eid[token_ids]``, others the top-k of
+    ``scores + bias`` (descending); weights are the picked scores over their sum (+1e-20), times
+    ``scaling``."""
+    _route.check_moe_route_args(logits, bias, token_ids, tid2eid, top_k, scoring)
+    if backend_for(logits) == "torch":
+        return _route.moe_route_torch(logits, bias, token_ids, tid2eid, top_k, scoring, float(scaling))
+    return _ops.moe_route(logits, bias, token_ids, tid2eid, top_k, scoring, float(scaling))
+
+
+__all__ += ["moe_route"]

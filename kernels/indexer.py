@@ -11,8 +11,11 @@ memory is ``[Q, topk + chunk]`` whatever the context: the top-k of the whole ord
 descending, id ascending) does not depend on the chunking.
 
 ``indexer_scores_torch`` gathers and decodes the keys, ``indexer_scores_triton`` reads them in
-place from the pool through the block tables (FP4 records decoded in the kernel); both feed the
-same merge (``indexer_topk``), so a tie is broken the same way on either side. Scores agree to
+place from the pool through the block tables (FP4 records decoded in the kernel). The torch side
+merges each chunk with a dozen small torch ops and sorts once at the end; the Triton side merges
+each chunk in one launch (``indexer_merge_triton``, the best kept in final order), so a decode
+step with one chunk is two launches. Both orders are the same total order (score descending, id
+ascending), so equal scores give identical ids either way. Scores agree to
 float32 rounding (the sums run in a different order); with a tensor-parallel ``reduce`` the
 partial scores of each rank's heads are summed before the merge.
 """
@@ -120,17 +123,32 @@ def indexer_scores_triton(q, w, seq, visible, tables, pool, fmt: int, c0: int, c
     return out
 
 
+Merge = Callable[[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, int, int],
+                 tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 def indexer_topk(scores_of: Callable[[int, int], torch.Tensor], Q: int, visible: torch.Tensor, num_entries: int,
-                 topk: int, chunk: int, reduce: Reduce | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 topk: int, chunk: int, reduce: Reduce | None = None,
+                 merge: Merge | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The running top-k over entries ``[0, num_entries)``, ``chunk`` at a time: entry ids ``[Q, k]``
     (``k = min(topk, num_entries)``, score descending, ties to the lower id) and which are real
     (``< visible``). ``scores_of(c0, c1)`` gives the ``[Q, c1 - c0]`` scores of a chunk (``-inf``
-    where not visible)."""
+    where not visible). ``merge``: a fused merge of each chunk into the best (``indexer_merge``'s
+    contract: it masks what is not visible itself and keeps the final order); default the torch
+    merge below."""
     device = visible.device
     if num_entries <= topk:  # top-k keeps every visible entry: no scoring needed
         ids = torch.arange(num_entries, device=device).expand(Q, -1)
         return ids, ids < visible[:, None]
     chunk = max(chunk, topk)
+    if merge is not None:
+        best_scores = best_ids = valid = None
+        for c0 in range(0, num_entries, chunk):
+            scores = scores_of(c0, min(c0 + chunk, num_entries))
+            if reduce is not None:  # indexer heads are split across tensor-parallel ranks
+                scores = reduce(scores)
+            best_scores, best_ids, valid = merge(best_scores, best_ids, scores, visible, c0, topk)
+        return best_ids, valid
     best_scores = best_ids = None  # kept in ascending id order, so a column's order is its id's
     for c0 in range(0, num_entries, chunk):
         c1 = min(c0 + chunk, num_entries)
@@ -138,17 +156,121 @@ def indexer_topk(scores_of: Callable[[int, int], torch.Tensor], Q: int, visible:
         if reduce is not None:  # indexer heads are split across tensor-parallel ranks
             scores = reduce(scores).masked_fill(torch.arange(c0, c1, device=device) >= visible[:, None],
                                                 float("-inf"))
-        cand = scores if best_scores is None else torch.cat([best_scores, scores], dim=1)
-        cols = _top_k_columns(cand, topk)
-        kept = 0 if best_ids is None else best_ids.shape[1]
-        chunk_ids = cols + (c0 - kept)
-        best_ids = chunk_ids if best_ids is None else torch.where(
-            cols < kept, best_ids.gather(1, cols.clamp(max=kept - 1)), chunk_ids)
-        best_scores = cand.gather(1, cols)
-    # Stable, on ids in ascending order: equal scores keep the lower id first.
-    order = best_scores.sort(dim=1, descending=True, stable=True).indices
-    best_ids = best_ids.gather(1, order)
+        best_scores, best_ids = _merge_step(best_scores, best_ids, scores, c0, topk)
+    best_scores, best_ids = _final_order(best_scores, best_ids)
     return best_ids, best_ids < visible[:, None]
+
+
+def _merge_step(best_scores: torch.Tensor | None, best_ids: torch.Tensor | None, scores: torch.Tensor, c0: int,
+                topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``topk`` best of the best so far and the chunk ``scores`` of entries ``c0...``, in
+    column order (the best first, then the chunk): ties to the lower column."""
+    cand = scores if best_scores is None else torch.cat([best_scores, scores], dim=1)
+    cols = _top_k_columns(cand, topk)
+    kept = 0 if best_ids is None else best_ids.shape[1]
+    chunk_ids = cols + (c0 - kept)
+    best_ids = chunk_ids if best_ids is None else torch.where(
+        cols < kept, best_ids.gather(1, cols.clamp(max=kept - 1)), chunk_ids)
+    return cand.gather(1, cols), best_ids
+
+
+def _final_order(best_scores: torch.Tensor, best_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score descending; stable, on columns whose order is their ids': equal scores keep the lower id first."""
+    sorted_scores, order = best_scores.sort(dim=1, descending=True, stable=True)
+    return sorted_scores, best_ids.gather(1, order)
+
+
+def indexer_merge_torch(best_scores: torch.Tensor | None, best_ids: torch.Tensor | None, scores: torch.Tensor,
+                        visible: torch.Tensor, c0: int, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge the chunk ``scores [Q, c]`` of entries ``[c0, c0 + c)`` (those ``>= visible`` count as
+    ``-inf``) into the best so far (``[Q, k]`` scores and ids in the final order, or None): the new
+    best ``topk`` scores, ids (final order: score descending, ties to the lower id) and validity.
+    The best's entries all precede the chunk's, and within the best equal scores are in id order,
+    so a column's order among equal scores is its id's: the torch merge applies as it is."""
+    scores = scores.masked_fill(torch.arange(c0, c0 + scores.shape[1], device=scores.device) >= visible[:, None],
+                                float("-inf"))
+    best_scores, best_ids = _final_order(*_merge_step(best_scores, best_ids, scores, c0, topk))
+    return best_scores, best_ids, best_ids < visible[:, None]
+
+
+@triton.jit
+def _order_keys(score, ids):
+    """int64 keys whose descending order is (score descending, id ascending): the float's bits
+    made monotonic as a signed int (negatives: low 31 bits flipped) above ``2^31 - 1 - id``."""
+    score = tl.where(score == 0.0, 0.0, score)  # -0.0 ties with 0.0, as in torch's comparisons
+    bits = score.to(tl.int32, bitcast=True)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (bits.to(tl.int64) << 32) | (0x7FFFFFFF - ids)
+
+
+@triton.jit
+def _merge_kernel(
+    best_s_ptr, best_i_ptr, scores_ptr, vis_ptr, out_s_ptr, out_i_ptr, out_v_ptr,
+    kept, n_cols, c0, topk,
+    stride_bsq, stride_bsk, stride_biq, stride_bik, stride_sq, stride_sc, stride_oq,
+    HAS_BEST: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One program per query; its best BLOCK_K (>= topk) candidates stay in registers as keys sorted
+    # descending. Each block of BLOCK_K chunk entries sorted ascending against them: the lane-wise
+    # max of a descending and an ascending sequence is the top half of their union (the bitonic
+    # merge step), so one more sort restores the order; no slicing, no global scratch.
+    t = tl.program_id(0).to(tl.int64)
+    lane = tl.arange(0, BLOCK_K)
+    vis = tl.load(vis_ptr + t)
+    none = -9223372036854775808  # below every real key (-inf's included)
+    if HAS_BEST:
+        b_ok = lane < kept
+        b_s = tl.load(best_s_ptr + t * stride_bsq + lane * stride_bsk, mask=b_ok, other=0.0)
+        b_ids = tl.load(best_i_ptr + t * stride_biq + lane * stride_bik, mask=b_ok, other=0)
+        best = tl.sort(tl.where(b_ok, _order_keys(b_s, b_ids), none), descending=True)
+    else:
+        best = tl.full([BLOCK_K], none, dtype=tl.int64)
+    for start in range(0, n_cols, BLOCK_K):
+        col = start + lane
+        ok = col < n_cols
+        ids = c0 + col.to(tl.int64)
+        s = tl.load(scores_ptr + t * stride_sq + col.to(tl.int64) * stride_sc, mask=ok, other=0.0)
+        s = tl.where(ids < vis, s, float("-inf"))
+        keys = tl.where(ok, _order_keys(s, ids), none)
+        if tl.max(keys, axis=0) > tl.min(best, axis=0):  # else nothing in the block makes the cut
+            best = tl.sort(tl.maximum(best, tl.sort(keys)), descending=True)
+    hi = (best >> 32).to(tl.int32)
+    out_score = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    out_ids = 0x7FFFFFFF - (best & 0x7FFFFFFF)
+    out = lane < topk
+    tl.store(out_s_ptr + t * stride_oq + lane, out_score, mask=out)
+    tl.store(out_i_ptr + t * stride_oq + lane, out_ids, mask=out)
+    tl.store(out_v_ptr + t * stride_oq + lane, out_ids < vis, mask=out)
+
+
+def indexer_merge_triton(best_scores: torch.Tensor | None, best_ids: torch.Tensor | None, scores: torch.Tensor,
+                         visible: torch.Tensor, c0: int, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The twin's merge in one launch (identical results: the order is a total one on exact scores).
+
+    Why sorted keys in registers: k reaches 2048 and a decode chunk holds thousands of entries, so
+    a k-pass arg-max costs O(k * chunk) and a threshold/scatter merge is the ~20 launches this
+    replaces; a bitonic tl.sort of BLOCK_K packed (score, id) keys costs O(log^2 BLOCK_K) per
+    entry, keeps ties exact (ids are in the key) and leaves the best already in final order.
+    Blocks whose best key misses the current cut skip the sorts."""
+    Q, n_cols = scores.shape
+    dev = scores.device
+    out_s = torch.empty(Q, topk, dtype=torch.float32, device=dev)
+    out_i = torch.empty(Q, topk, dtype=torch.long, device=dev)
+    out_v = torch.empty(Q, topk, dtype=torch.bool, device=dev)
+    if Q == 0:
+        return out_s, out_i, out_v
+    has_best = best_scores is not None
+    bs = best_scores if has_best else out_s  # any tensor: unused unless HAS_BEST
+    bi = best_ids if has_best else out_i
+    # At least topk lanes; up to 128 so long chunks take few blocks, no wider than the chunk needs.
+    block_k = max(triton.next_power_of_2(topk), min(128, triton.next_power_of_2(n_cols)))
+    _merge_kernel[(Q,)](
+        bs, bi, scores, visible, out_s, out_i, out_v,
+        bs.shape[1] if has_best else 0, n_cols, c0, topk,
+        *bs.stride(), *bi.stride(), *scores.stride(), out_s.stride(0),
+        HAS_BEST=has_best, BLOCK_K=block_k, num_warps=4 if block_k <= 512 else 8,
+    )
+    return out_s, out_i, out_v
 
 
 def _top_k_columns(scores: torch.Tensor, k: int) -> torch.Tensor:

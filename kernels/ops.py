@@ -97,3 +97,34 @@ def hc_post(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: 
 @hc_post.register_fake
 def _(out, streams, post, comb):
     return torch.empty_like(streams, memory_format=torch.contiguous_format)
+
+
+# --- MoE routing and the indexer's fused top-k merge (kernels/routing.py, kernels/indexer.py) ---
+from kernels import routing as _route  # noqa: E402
+
+
+@torch.library.custom_op("dsv4::moe_route", mutates_args=())
+def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, token_ids: torch.Tensor, tid2eid: torch.Tensor | None,
+              top_k: int, scoring: str, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _route.moe_route_triton if use_triton(logits) else _route.moe_route_torch
+    return impl(logits, bias, token_ids, tid2eid, top_k, scoring, scaling)
+
+
+@moe_route.register_fake
+def _(logits, bias, token_ids, tid2eid, top_k, scoring, scaling):
+    T = logits.shape[0]
+    return logits.new_empty(T, top_k, dtype=torch.long), logits.new_empty(T, top_k, dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv4::indexer_merge", mutates_args=())
+def indexer_merge(best_scores: torch.Tensor | None, best_ids: torch.Tensor | None, scores: torch.Tensor,
+                  visible: torch.Tensor, c0: int, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _idx.indexer_merge_triton if use_triton(scores) else _idx.indexer_merge_torch
+    return impl(best_scores, best_ids, scores, visible, c0, topk)
+
+
+@indexer_merge.register_fake
+def _(best_scores, best_ids, scores, visible, c0, topk):
+    Q = scores.shape[0]
+    return (scores.new_empty(Q, topk, dtype=torch.float32), scores.new_empty(Q, topk, dtype=torch.long),
+            scores.new_empty(Q, topk, dtype=torch.bool))
