@@ -55,3 +55,44 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, seq: torch.Tensor, posit
 def _(q, kv, seq, positions, start_pos, window_slots, window_pool, sinks, scale, cos, sin, fmt,
       comp_pool, tables, comp_ids, comp_valid, ratio, num_entries, window):
     return torch.empty_like(q)
+
+
+# ---- weight GEMMs on stored forms and routed experts (kernels/gemm.py, kernels/moe.py) ----
+from kernels import gemm as _gemm  # noqa: E402
+from kernels import moe as _moe  # noqa: E402
+
+
+@torch.library.custom_op("dsv4::linear", mutates_args=())
+def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str,
+           out_dtype: torch.dtype | None) -> torch.Tensor:
+    impl = _gemm.linear_triton if use_triton(x) else _gemm.linear_torch
+    return impl(x, w, scale, fmt, out_dtype)
+
+
+@linear.register_fake
+def _(x, w, scale, fmt, out_dtype):
+    return x.new_empty(x.shape[0], w.shape[0], dtype=out_dtype or x.dtype)
+
+
+@torch.library.custom_op("dsv4::grouped_linear", mutates_args=())
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:
+    impl = _gemm.grouped_linear_triton if use_triton(x) else _gemm.grouped_linear_torch
+    return impl(x, w, scale, fmt).contiguous()  # einsum may return permuted strides; the fake is contiguous
+
+
+@grouped_linear.register_fake
+def _(x, w, scale, fmt):
+    return x.new_empty(x.shape[0], x.shape[1], w.shape[0] // x.shape[1])
+
+
+@torch.library.custom_op("dsv4::moe_experts", mutates_args=())
+def moe_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, expert_start: int,
+                w1: torch.Tensor, s1: torch.Tensor | None, w3: torch.Tensor, s3: torch.Tensor | None,
+                w2: torch.Tensor, s2: torch.Tensor | None, fmt: str, limit: float) -> torch.Tensor:
+    impl = _moe.moe_experts_triton if use_triton(x) else _moe.moe_experts_torch
+    return impl(x, experts, weights, expert_start, w1, s1, w3, s3, w2, s2, fmt, limit)
+
+
+@moe_experts.register_fake
+def _(x, experts, weights, expert_start, w1, s1, w3, s3, w2, s2, fmt, limit):
+    return x.new_empty(x.shape, dtype=torch.float32)
