@@ -34,8 +34,8 @@ BLOCK_K = 64  # divides the FP8 scale block (one scale column per K tile) and is
 
 # ---- argument checks ----------------------------------------------------------------------
 def weight_shape(w: torch.Tensor, fmt: str) -> tuple[int, int]:
-    """Logical ``(N, K)`` of a stored 2-D weight."""
-    return (w.shape[0], w.shape[1] * 2) if fmt == "fp4" else (w.shape[0], w.shape[1])
+    """Logical ``(N, K)`` of a stored weight ``[..., N, K or K/2]``."""
+    return (w.shape[-2], w.shape[-1] * 2) if fmt == "fp4" else (w.shape[-2], w.shape[-1])
 
 
 def check_weight(w: torch.Tensor, scale: torch.Tensor | None, fmt: str, name: str = "w",

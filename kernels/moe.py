@@ -60,7 +60,9 @@ def check_moe_args(x, experts, weights, expert_start, w1, s1, w3, s3, w2, s2, fm
         if w.dim() != 3:
             raise ValueError(f"{name} must be [E, out, in], got shape {tuple(w.shape)}")
     E = w1.shape[0]
-    inter = w1.shape[1]
+    inter, w_dim = weight_shape(w1, fmt)
+    if w_dim != D:
+        raise ValueError(f"x must be [T, D={w_dim}] for these experts, got shape {tuple(x.shape)}")
     for w, name, want in ((w1, "w1", (E, inter, D)), (w3, "w3", (E, inter, D)), (w2, "w2", (E, D, inter))):
         if (w.shape[0], *weight_shape(w, fmt)) != want:
             raise ValueError(f"{name} must be logically {want} ({fmt}), got stored shape {tuple(w.shape)}")
