@@ -12,18 +12,20 @@ Weights: ``w1, w3 [E, I, D]`` and ``w2 [E, D, I]`` each in one format of ``kerne
 per-expert scales ``[E, ...]``).
 
 ``moe_experts_torch`` is the twin: ``StackedExperts.forward`` of the engine (assignments sorted by
-expert into tiles, each tile one batched matmul). ``moe_experts_triton`` is two launches:
+expert into tiles, each tile one batched matmul). ``moe_experts_triton`` has two paths, each two
+weight-reading launches:
 
-1. gate/up: one program per (assignment, block of I): both projections of ``x[t]``, SwiGLU and the
-   routing weight, stored in x's dtype to ``act [T*k, I]``;
-2. down: one program per (token, block of D): the k assignments' ``act @ w2_e.T`` summed in
-   registers (no atomics, deterministic) into the fp32 output.
-
-Why a per-assignment grid rather than expert-sorted tiles: at decode (T*k small) each program is a
-matrix-vector product bound by reading its expert's weight rows, which it does once, and nothing
-needs sorting (sorting costs several small launches per layer). Prefill re-reads an expert's
-weights once per assignment (through L2); an expert-tiled ``tl.dot`` variant over
-``expert_tiles`` is the follow-up for large T.
+- decode (few assignments per expert; the default below ``TILED_MIN_PER_EXPERT`` per expert):
+  1. gate/up, one program per (assignment, block of I): both projections of ``x[t]`` as
+     matrix-vector products, SwiGLU and the routing weight, stored in x's dtype to ``act [T*k, I]``;
+  2. down, one program per (token, block of D): the k assignments' ``act @ w2_e.T`` summed in
+     registers (no atomics, deterministic) into the fp32 output.
+  Nothing is sorted (sorting costs a dozen small launches per layer), and each program reads its
+  expert's weight rows once; tokens sharing an expert re-read them through L2.
+- prefill (many assignments per expert): ``expert_tiles`` sorts the assignments into tiles of
+  ``TILE_M`` rows of one expert (foreign ones into an extra bucket that computes nothing); the
+  same two stages run as ``tl.dot`` tiles, so each weight tile is read once per ``TILE_M``
+  assignments; the down stage writes per-assignment rows and one ``sum`` over k finishes.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ TILES_PER_CHUNK = 256  # bounds the gathered weight workspace of the torch path
 
 BLOCK_N = 64
 BLOCK_K = 64  # divides the FP8 scale block, multiple of the FP4 one
+TILE_M = 64  # assignments per expert tile (prefill path)
+TILED_MIN_PER_EXPERT = 16  # mean assignments per local expert from which tiles beat per-assignment
 
 
 # ---- argument checks ----------------------------------------------------------------------
@@ -199,11 +203,91 @@ def _gate_up_kernel(
         g3 = load_weight_tile(w3_ptr + e * stride_w3e, s3_ptr + e * stride_s3e, rows, cols, ok,
                               stride_w3n, stride_w3k, stride_s3n, stride_s3k, FMT, SCALE_F32)
         u += tl.sum(g3 * xv[None, :], axis=1)
+    act = _swiglu(h, u, limit) * tl.where(owned, route_w, 0.0)
+    tl.store(act_ptr + a * stride_aa + n * stride_ai, act.to(act_ptr.dtype.element_ty), mask=n < INTER)
+
+
+@triton.jit
+def _swiglu(h, u, limit):
+    """silu(min(h, limit)) * clamp(u, -limit, limit); no clamps when limit <= 0."""
     if limit > 0:
         h = tl.minimum(h, limit)
         u = tl.minimum(tl.maximum(u, -limit), limit)
-    act = h * tl.sigmoid(h) * u * tl.where(owned, route_w, 0.0)
-    tl.store(act_ptr + a * stride_aa + n * stride_ai, act.to(act_ptr.dtype.element_ty), mask=n < INTER)
+    return h * tl.sigmoid(h) * u
+
+
+@triton.jit
+def _tile_dot(acc, a_ptrs, a_ok, w_ptr, s_ptr, rows, n_ok, KDIM, stride_ak, stride_wn, stride_wk, stride_sn, stride_sk,
+              FMT: tl.constexpr, SCALE_F32: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc [BM, BN] += A [BM, KDIM] @ W[rows, :KDIM].T`` (A rows at ``a_ptrs [BM, 1]``), W decoded."""
+    for k0 in range(0, KDIM, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < KDIM
+        at = tl.load(a_ptrs + k[None, :] * stride_ak, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = load_weight_tile(w_ptr, s_ptr, rows, k.to(tl.int64)[None, :], n_ok[:, None] & k_ok[None, :],
+                              stride_wn, stride_wk, stride_sn, stride_sk, FMT, SCALE_F32)
+        if IEEE:
+            acc = tl.dot(at, tl.trans(wt), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(at, tl.trans(wt.to(at.dtype)), acc)
+    return acc
+
+
+@triton.jit
+def _gate_up_tiled_kernel(
+    x_ptr, rows_ptr, tile_expert_ptr, weights_ptr, act_ptr,
+    w1_ptr, s1_ptr, w3_ptr, s3_ptr,
+    A, TOPK, E, INTER, D, limit,
+    stride_xt, stride_xd, stride_aa, stride_ai,
+    stride_w1e, stride_w1n, stride_w1k, stride_s1e, stride_s1n, stride_s1k,
+    stride_w3e, stride_w3n, stride_w3k, stride_s3e, stride_s3n, stride_s3k,
+    FMT: tl.constexpr, SCALE_F32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One program per (tile of one expert's assignments, block of I): the expert's weight tile is
+    # read once for BLOCK_M assignments. Tiles of expert E hold foreign assignments: act = 0.
+    tile = tl.program_id(0).to(tl.int64)
+    a = tl.load(rows_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+    e = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    a_ok = a < tl.where(e < E, A, 0)
+    e = tl.minimum(e, E - 1)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < INTER
+    rows = n.to(tl.int64)[:, None]
+    x_rows = x_ptr + (a // TOPK)[:, None] * stride_xt
+    h = _tile_dot(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_rows, a_ok, w1_ptr + e * stride_w1e,
+                  s1_ptr + e * stride_s1e, rows, n_ok, D, stride_xd, stride_w1n, stride_w1k, stride_s1n, stride_s1k,
+                  FMT, SCALE_F32, IEEE, BLOCK_K)
+    u = _tile_dot(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_rows, a_ok, w3_ptr + e * stride_w3e,
+                  s3_ptr + e * stride_s3e, rows, n_ok, D, stride_xd, stride_w3n, stride_w3k, stride_s3n, stride_s3k,
+                  FMT, SCALE_F32, IEEE, BLOCK_K)
+    route_w = tl.load(weights_ptr + a, mask=a_ok, other=0.0)  # weights flattened [T * k]
+    act = _swiglu(h, u, limit) * route_w[:, None]
+    tl.store(act_ptr + a[:, None] * stride_aa + n[None, :] * stride_ai, act.to(act_ptr.dtype.element_ty),
+             mask=(a < A)[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_tiled_kernel(
+    act_ptr, rows_ptr, tile_expert_ptr, y_ptr, w2_ptr, s2_ptr,
+    A, E, INTER, D,
+    stride_aa, stride_ai, stride_ya, stride_yd,
+    stride_w2e, stride_w2n, stride_w2k, stride_s2e, stride_s2n, stride_s2k,
+    FMT: tl.constexpr, SCALE_F32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # y[a, n] = act[a] . w2_e[n] per assignment (foreign: 0); the caller sums each token's k rows.
+    tile = tl.program_id(0).to(tl.int64)
+    a = tl.load(rows_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+    e = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    a_ok = a < tl.where(e < E, A, 0)
+    e = tl.minimum(e, E - 1)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < D
+    y = _tile_dot(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), act_ptr + a[:, None] * stride_aa, a_ok,
+                  w2_ptr + e * stride_w2e, s2_ptr + e * stride_s2e, n.to(tl.int64)[:, None], n_ok, INTER, stride_ai,
+                  stride_w2n, stride_w2k, stride_s2n, stride_s2k, FMT, SCALE_F32, IEEE, BLOCK_K)
+    tl.store(y_ptr + a[:, None] * stride_ya + n[None, :] * stride_yd, y, mask=(a < A)[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -240,26 +324,64 @@ def _weight_strides(w: torch.Tensor, s: torch.Tensor | None) -> tuple[int, ...]:
     return (*w.stride(), *(s.stride() if s is not None else (0, 0, 0)))
 
 
-def moe_experts_triton(x, experts, weights, expert_start, w1, s1, w3, s3, w2, s2, fmt, limit) -> torch.Tensor:
-    """The two launches (see the module docstring); ``[T, D]`` float32."""
+def moe_experts_triton(x, experts, weights, expert_start, w1, s1, w3, s3, w2, s2, fmt, limit,
+                       tiled: bool | None = None) -> torch.Tensor:
+    """``[T, D]`` float32 by the per-assignment kernels (decode) or, once the batch gives each expert
+    about ``TILED_MIN_PER_EXPERT`` assignments (``tiled`` None: by shape; no sync), the expert tiles."""
     T, D = x.shape
     k = experts.shape[1]
-    E, inter = w1.shape[0], w1.shape[1]
-    out = torch.empty(T, D, dtype=torch.float32, device=x.device)
+    E = w1.shape[0]
     if T == 0 or k == 0:
-        return out.zero_()
+        return torch.zeros(T, D, dtype=torch.float32, device=x.device)
+    if tiled is None:
+        tiled = T * k >= TILED_MIN_PER_EXPERT * E
+    weight_args = [kernel_weight_args(w, s, fmt)[:2] for w, s in ((w1, s1), (w3, s3), (w2, s2))]
+    strides = [_weight_strides(w, s) for w, s in ((w1, s1), (w3, s3), (w2, s2))]
+    _, _, code, scale_f32 = kernel_weight_args(w1, s1, fmt)
+    run = _moe_tiled if tiled else _moe_per_assignment
+    return run(x, experts, weights, expert_start, E, w1.shape[1], weight_args, strides, float(limit),
+               dict(FMT=code, SCALE_F32=scale_f32, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K))
+
+
+def _moe_per_assignment(x, experts, weights, expert_start, E, inter, weight_args, strides, limit, meta):
+    """Two launches, nothing sorted: gate/up per (assignment, I block), down + sum per (token, D block)."""
+    T, D = x.shape
+    k = experts.shape[1]
+    (w1k, s1k), (w3k, s3k), (w2k, s2k) = weight_args
     act = torch.empty(T * k, inter, dtype=x.dtype, device=x.device)
-    st1, st3, st2 = _weight_strides(w1, s1), _weight_strides(w3, s3), _weight_strides(w2, s2)
-    w1k, s1k, code, scale_f32 = kernel_weight_args(w1, s1, fmt)
-    w3k, s3k, _, _ = kernel_weight_args(w3, s3, fmt)
-    w2k, s2k, _, _ = kernel_weight_args(w2, s2, fmt)
-    meta = dict(FMT=code, SCALE_F32=scale_f32, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    out = torch.empty(T, D, dtype=torch.float32, device=x.device)
     _gate_up_kernel[(T * k, triton.cdiv(inter, BLOCK_N))](
         x, experts, weights, act, w1k, s1k, w3k, s3k,
-        k, expert_start, E, inter, D, float(limit),
-        *x.stride(), *experts.stride(), *weights.stride(), *act.stride(), *st1, *st3, **meta)
+        k, expert_start, E, inter, D, limit,
+        *x.stride(), *experts.stride(), *weights.stride(), *act.stride(), *strides[0], *strides[1], **meta)
     _down_kernel[(T, triton.cdiv(D, BLOCK_N))](
         act, experts, weights, out, w2k, s2k,
         k, expert_start, E, inter, D,
-        *act.stride(), *experts.stride(), *weights.stride(), *out.stride(), *st2, **meta)
+        *act.stride(), *experts.stride(), *weights.stride(), *out.stride(), *strides[2], **meta)
     return out
+
+
+def _moe_tiled(x, experts, weights, expert_start, E, inter, weight_args, strides, limit, meta):
+    """Prefill: assignments sorted into tiles of one expert each (``expert_tiles``; foreign ones into
+    a bucket ``E`` that computes nothing), ``tl.dot`` tiles reading each weight tile once per tile,
+    then the sum over each token's k rows."""
+    T, D = x.shape
+    k = experts.shape[1]
+    A = T * k
+    (w1k, s1k), (w3k, s3k), (w2k, s2k) = weight_args
+    local = (experts - expert_start).flatten()
+    bucket = torch.where((local >= 0) & (local < E), local, E).long()
+    rows, tile_expert = expert_tiles(bucket, E + 1, TILE_M)
+    act = torch.empty(A, inter, dtype=x.dtype, device=x.device)
+    y = torch.empty(A, D, dtype=torch.float32, device=x.device)
+    meta = dict(meta, IEEE=x.dtype == torch.float32, BLOCK_M=TILE_M)
+    n_tiles = tile_expert.shape[0]
+    _gate_up_tiled_kernel[(n_tiles, triton.cdiv(inter, BLOCK_N))](
+        x, rows, tile_expert, weights.reshape(-1), act, w1k, s1k, w3k, s3k,
+        A, k, E, inter, D, limit,
+        *x.stride(), *act.stride(), *strides[0], *strides[1], **meta)
+    _down_tiled_kernel[(n_tiles, triton.cdiv(D, BLOCK_N))](
+        act, rows, tile_expert, y, w2k, s2k,
+        A, E, inter, D,
+        *act.stride(), *y.stride(), *strides[2], **meta)
+    return y.view(T, k, D).sum(1)

@@ -54,16 +54,18 @@ PARITY_SCRIPT = SETUP + textwrap.dedent("""
         ("fp8", 1, 6, 3, 40, 24, 0, 0.5, False),
         ("fp4", 2, 2, 2, 64, 24, 2, 0.5, False),
         ("fp4", 0, 6, 2, 64, 24, 0, 0.0, False),
+        ("fp8", 7, 6, 2, 40, 24, 1, 0.5, False),  # 42 assignments: a tile per expert holds many
     ]
     for fmt, T, k, E, D, I, start, limit, views in cases:
         args = case(g, fmt, T, k, E, D, I, start, views)
-        got = moe_experts_triton(*args, limit)
         want = moe_experts_torch(*args, limit)
-        assert got.shape == want.shape == (T, D) and got.dtype == want.dtype == torch.float32
-        if T:
-            diff = (got - want).abs().max().item()
-            assert diff <= 1e-5 * max(1.0, want.abs().max().item()), (fmt, T, k, diff)
-            worst = max(worst, diff)
+        for tiled in (False, True):  # per-assignment (decode) and expert tiles (prefill)
+            got = moe_experts_triton(*args, limit, tiled=tiled)
+            assert got.shape == want.shape == (T, D) and got.dtype == want.dtype == torch.float32
+            if T:
+                diff = (got - want).abs().max().item()
+                assert diff <= 1e-5 * max(1.0, want.abs().max().item()), (fmt, T, k, tiled, diff)
+                worst = max(worst, diff)
     # Only foreign assignments: zeros; and the public entry point takes the Triton side.
     args = list(case(g, "fp8", 2, 2, 2, 40, 24, 0))
     args[1] = torch.full((2, 2), 5)
