@@ -184,7 +184,7 @@ def kernel_weight_args(w: torch.Tensor, scale: torch.Tensor | None, fmt: str):
     return w, scale, code, scale.dtype == torch.float32
 
 
-def _scale_strides(scale: torch.Tensor | None, w: torch.Tensor) -> tuple[int, int]:
+def _scale_strides(scale: torch.Tensor | None) -> tuple[int, int]:
     return tuple(scale.stride()[-2:]) if scale is not None else (0, 0)
 
 
@@ -196,7 +196,7 @@ def grouped_linear_triton(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor 
     out = torch.empty(M, G, O, dtype=out_dtype or x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    ss = _scale_strides(scale, w)
+    ss = _scale_strides(scale)
     wk, sk, code, scale_f32 = kernel_weight_args(w, scale, fmt)
     block_m = min(64, max(16, triton.next_power_of_2(M)))  # tl.dot needs >= 16 rows; decode pads M
     grid = (triton.cdiv(M, block_m), triton.cdiv(O, BLOCK_N), G)

@@ -72,6 +72,8 @@ def check_moe_args(x, experts, weights, expert_start, w1, s1, w3, s3, w2, s2, fm
             raise ValueError(f"{name} must be logically {want} ({fmt}), got stored shape {tuple(w.shape)}")
     if E == 0:
         raise ValueError("w1 must hold at least one expert")
+    if fmt != "dense" and not s1.dtype == s3.dtype == s2.dtype:
+        raise ValueError(f"s1, s3 and s2 must share one dtype, got {s1.dtype}, {s3.dtype}, {s2.dtype}")
     tensors = (x, experts, weights, w1, s1, w3, s3, w2, s2)
     devices = {t.device for t in tensors if t is not None}
     if len(devices) != 1:
@@ -335,9 +337,10 @@ def moe_experts_triton(x, experts, weights, expert_start, w1, s1, w3, s3, w2, s2
         return torch.zeros(T, D, dtype=torch.float32, device=x.device)
     if tiled is None:
         tiled = T * k >= TILED_MIN_PER_EXPERT * E
-    weight_args = [kernel_weight_args(w, s, fmt)[:2] for w, s in ((w1, s1), (w3, s3), (w2, s2))]
+    parts = [kernel_weight_args(w, s, fmt) for w, s in ((w1, s1), (w3, s3), (w2, s2))]
+    weight_args = [(w, s) for w, s, _, _ in parts]
     strides = [_weight_strides(w, s) for w, s in ((w1, s1), (w3, s3), (w2, s2))]
-    _, _, code, scale_f32 = kernel_weight_args(w1, s1, fmt)
+    _, _, code, scale_f32 = parts[0]
     run = _moe_tiled if tiled else _moe_per_assignment
     return run(x, experts, weights, expert_start, E, w1.shape[1], weight_args, strides, float(limit),
                dict(FMT=code, SCALE_F32=scale_f32, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K))
