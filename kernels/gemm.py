@@ -23,8 +23,7 @@ import triton.language as tl
 from kernels.kv_records import _e8m0, e2m1_nibble
 from kernels.quant import fp8_block_dequantize, mxfp4_dequantize
 
-FORMATS = ("dense", "fp8", "fp4")
-DENSE, FP8, FP4 = 0, 1, 2  # kernel constexpr codes of FORMATS
+FORMATS = ("dense", "fp8", "fp4")  # the kernels' FMT constexpr is the index here
 FP8_BLOCK = 128
 FP4_BLOCK = 32
 
