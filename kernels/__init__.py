@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from kernels import gemm as _gemm
 from kernels import indexer as _idx
+from kernels import mhc as _mhc
+from kernels import moe as _moe
 from kernels import ops as _ops
+from kernels import routing as _route
 from kernels import sink_attention as _sink
 from kernels import sparse_attention as _sparse
 from kernels.kv_records import FP4_KEY, FP8_ENTRY, PLAIN
@@ -62,13 +66,6 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, seq: torch.Tensor, posit
                                  window_pool.shape[1] if window is None else int(window))
 
 
-__all__ = ["BACKEND_ENV", "backend_for", "backend_for_device", "indexer_topk", "sink_attention", "sparse_attention"]
-
-
-# --- mHC (kernels/mhc.py) --------------------------------------------------------------------
-from kernels import mhc as _mhc  # noqa: E402  (section appended; imports kept with it)
-
-
 def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
            norm_weight: torch.Tensor, *, iters: int, hc_eps: float,
            norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,16 +101,6 @@ def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: 
     return _ops.hc_head(*args)
 
 
-__all__ += ["hc_head", "hc_post", "hc_pre"]
-
-
-__all__ = ["BACKEND_ENV", "backend_for", "indexer_topk", "sink_attention", "sparse_attention"]
-
-
-# --- MoE routing (kernels/routing.py) ---
-from kernels import routing as _route  # noqa: E402
-
-
 def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, token_ids: torch.Tensor,
               tid2eid: torch.Tensor | None, *, top_k: int, scoring: str,
               scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,4 +115,43 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, token_ids: torch.
     return _ops.moe_route(logits, bias, token_ids, tid2eid, top_k, scoring, float(scaling))
 
 
-__all__ += ["moe_route"]
+# ---- weight GEMMs on stored forms and routed experts ----------------------------------------
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x [..., K] @ dequant(w).T -> [..., N]`` in ``out_dtype`` (default x's dtype). ``fmt``:
+    ``"dense"`` (``w [N, K]``, ``scale`` None), ``"fp8"`` (e4m3 ``[N, K]`` + e8m0 per 128x128),
+    ``"fp4"`` (int8 packed ``[N, K/2]`` + e8m0 per 32 columns). Activations compute in x's dtype;
+    the Triton kernel decodes the stored weight in registers and accumulates in fp32."""
+    _gemm.check_linear_args(x, w, scale, fmt)
+    if backend_for(x) == "torch":
+        return _gemm.linear_torch(x, w, scale, fmt, out_dtype)
+    y = _ops.linear(x.reshape(-1, x.shape[-1]), w, scale, fmt, out_dtype)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:
+    """``x [T, G, K]`` -> ``[T, G, O]``: group ``g`` uses rows ``[g*O, (g+1)*O)`` of ``w`` (``G*O``
+    logical rows, stored as for :func:`linear`); in x's dtype."""
+    _gemm.check_linear_args(x, w, scale, fmt, groups=x.shape[1] if x.dim() == 3 else 1)
+    if backend_for(x) == "torch":
+        return _gemm.grouped_linear_torch(x, w, scale, fmt)
+    return _ops.grouped_linear(x, w, scale, fmt)
+
+
+def moe_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, expert_start: int,
+                w1: torch.Tensor, s1: torch.Tensor | None, w3: torch.Tensor, s3: torch.Tensor | None,
+                w2: torch.Tensor, s2: torch.Tensor | None, fmt: str, limit: float) -> torch.Tensor:
+    """Routed SwiGLU experts ``[expert_start, expert_start + E)`` of this rank: ``x [T, D]``,
+    ``experts [T, k]`` global ids, ``weights [T, k]`` fp32 -> ``[T, D]`` fp32, the sum over each
+    token's assignments of ``weight * expert(x)`` (foreign experts count zero). ``w1``/``w3``
+    ``[E, I, D]`` (gate/up) and ``w2 [E, D, I]`` stored as for :func:`linear` with per-expert
+    scales ``[E, ...]``; ``limit`` > 0 clamps SwiGLU (see ``kernels/moe.py``)."""
+    _moe.check_moe_args(x, experts, weights, expert_start, w1, s1, w3, s3, w2, s2, fmt)
+    if backend_for(x) == "torch":
+        return _moe.moe_experts_torch(x, experts, weights, expert_start, w1, s1, w3, s3, w2, s2, fmt, float(limit))
+    return _ops.moe_experts(x, experts, weights, int(expert_start), w1, s1, w3, s3, w2, s2, fmt, float(limit))
+
+
+__all__ = ["BACKEND_ENV", "backend_for", "backend_for_device", "grouped_linear", "hc_head", "hc_post", "hc_pre", "indexer_topk", "linear", "moe_experts", "moe_route", "sink_attention", "sparse_attention"]

@@ -72,14 +72,20 @@ def load_fp8_entry(rec_ptr, d, ok, NOPE: tl.constexpr, ROPE: tl.constexpr):
 def load_fp4_key(rec_ptr, d, ok, DIM: tl.constexpr):
     """Dims ``d`` of FP4 indexer-key records (Hadamard-rotated keys), float32."""
     b = tl.load(rec_ptr + d // 2, mask=ok, other=0).to(tl.int32)
+    val = e2m1_nibble(b, d)
+    s = tl.load(rec_ptr + DIM // 2 + d // 32, mask=ok, other=127).to(tl.int32)
+    return val * _e8m0(s)
+
+
+@triton.jit
+def e2m1_nibble(b, d):
+    """Packed e2m1 bytes ``b`` (int32; low nibble = even column) -> float32 value of column ``d``."""
     nib = (b >> ((d % 2) * 4)) & 15
     code = nib & 7
     e = code >> 1
     m = (code & 1).to(tl.float32)
     mag = tl.where(e == 0, m * 0.5, (2.0 + m) * (1 << e).to(tl.float32) * 0.25)
-    val = tl.where((nib & 8) != 0, -mag, mag)
-    s = tl.load(rec_ptr + DIM // 2 + d // 32, mask=ok, other=127).to(tl.int32)
-    return val * _e8m0(s)
+    return tl.where((nib & 8) != 0, -mag, mag)
 
 
 # ---- torch twins ------------------------------------------------------------------------

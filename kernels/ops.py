@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from kernels import gemm as _gemm
 from kernels import indexer as _idx
+from kernels import mhc as _mhc
+from kernels import moe as _moe
+from kernels import routing as _route
 from kernels import sink_attention as _sink
 from kernels import sparse_attention as _sparse
 from kernels.policy import use_triton
@@ -57,10 +61,6 @@ def _(q, kv, seq, positions, start_pos, window_slots, window_pool, sinks, scale,
     return torch.empty_like(q)
 
 
-# --- mHC (kernels/mhc.py) --------------------------------------------------------------------
-from kernels import mhc as _mhc  # noqa: E402  (section appended; imports kept with it)
-
-
 @torch.library.custom_op("dsv4::hc_pre", mutates_args=())
 def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
            norm_weight: torch.Tensor, iters: int, hc_eps: float,
@@ -99,10 +99,6 @@ def _(out, streams, post, comb):
     return torch.empty_like(streams, memory_format=torch.contiguous_format)
 
 
-# --- MoE routing and the indexer's fused top-k merge (kernels/routing.py, kernels/indexer.py) ---
-from kernels import routing as _route  # noqa: E402
-
-
 @torch.library.custom_op("dsv4::moe_route", mutates_args=())
 def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, token_ids: torch.Tensor, tid2eid: torch.Tensor | None,
               top_k: int, scoring: str, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,3 +124,39 @@ def _(best_scores, best_ids, scores, visible, c0, topk):
     Q = scores.shape[0]
     return (scores.new_empty(Q, topk, dtype=torch.float32), scores.new_empty(Q, topk, dtype=torch.long),
             scores.new_empty(Q, topk, dtype=torch.bool))
+
+
+@torch.library.custom_op("dsv4::linear", mutates_args=())
+def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str,
+           out_dtype: torch.dtype | None) -> torch.Tensor:
+    impl = _gemm.linear_triton if use_triton(x) else _gemm.linear_torch
+    return impl(x, w, scale, fmt, out_dtype)
+
+
+@linear.register_fake
+def _(x, w, scale, fmt, out_dtype):
+    return x.new_empty(x.shape[0], w.shape[0], dtype=out_dtype or x.dtype)
+
+
+@torch.library.custom_op("dsv4::grouped_linear", mutates_args=())
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:
+    impl = _gemm.grouped_linear_triton if use_triton(x) else _gemm.grouped_linear_torch
+    return impl(x, w, scale, fmt).contiguous()  # einsum may return permuted strides; the fake is contiguous
+
+
+@grouped_linear.register_fake
+def _(x, w, scale, fmt):
+    return x.new_empty(x.shape[0], x.shape[1], w.shape[0] // x.shape[1])
+
+
+@torch.library.custom_op("dsv4::moe_experts", mutates_args=())
+def moe_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, expert_start: int,
+                w1: torch.Tensor, s1: torch.Tensor | None, w3: torch.Tensor, s3: torch.Tensor | None,
+                w2: torch.Tensor, s2: torch.Tensor | None, fmt: str, limit: float) -> torch.Tensor:
+    impl = _moe.moe_experts_triton if use_triton(x) else _moe.moe_experts_torch
+    return impl(x, experts, weights, expert_start, w1, s1, w3, s3, w2, s2, fmt, limit)
+
+
+@moe_experts.register_fake
+def _(x, experts, weights, expert_start, w1, s1, w3, s3, w2, s2, fmt, limit):
+    return x.new_empty(x.shape, dtype=torch.float32)
