@@ -30,11 +30,11 @@ weight-reading launches:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from kernels.gemm import check_weight, dequantize_weight, kernel_weight_args, load_weight_tile, weight_shape
+from kernels.torch_math import swiglu
 
 MAX_TILE = 64  # rows per expert tile for large batches
 TILES_PER_CHUNK = 256  # bounds the gathered weight workspace of the torch path
@@ -82,15 +82,6 @@ def check_moe_args(x, experts, weights, expert_start, w1, s1, w3, s3, w2, s2, fm
 
 
 # ---- torch twin ---------------------------------------------------------------------------
-def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
-    """SiLU-gated unit with V4's clamps: the gate one-sided (max), up two-sided (spec §3.8).
-    The engine's ``layers.swiglu`` math (to be deduplicated into ``kernels.torch_math``)."""
-    if limit > 0:
-        gate = gate.clamp(max=limit)
-        up = up.clamp(min=-limit, max=limit)
-    return F.silu(gate) * up
-
-
 def dequantize_stack(w: torch.Tensor, s: torch.Tensor | None, fmt: str, dtype: torch.dtype) -> torch.Tensor:
     """``[E, out, in]`` dense stack of a stored ``[E, ...]`` part (dense parts pass through)."""
     if fmt == "dense":

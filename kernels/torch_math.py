@@ -1,8 +1,9 @@
 """Plain-torch building blocks shared by the model and the kernels' twins: RMSNorm, V4's
-interleaved partial RoPE, Sinkhorn-Knopp. Each is the reference math a fused kernel reproduces."""
+interleaved partial RoPE, Sinkhorn-Knopp, the clamped SwiGLU. Each is the reference math a fused kernel reproduces."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -39,3 +40,11 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
         c = c / (c.sum(dim=-1, keepdim=True) + eps)
         c = c / (c.sum(dim=-2, keepdim=True) + eps)
     return c
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """SiLU-gated unit with V4's clamps: the gate one-sided (max), up two-sided (spec §3.8)."""
+    if limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from engine.model.layers import swiglu
-from engine.model.moe import StackedExperts, expert_tiles
+from engine.model.moe import StackedExperts
+from kernels.moe import expert_tiles
+from kernels.torch_math import swiglu
 
 
 def _reference(stack: StackedExperts, x, experts, weights):

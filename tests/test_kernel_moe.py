@@ -10,6 +10,7 @@ import torch
 import kernels
 from engine.model.moe import Expert, StackedExperts
 from kernels.moe import moe_experts_torch
+from kernels.torch_math import swiglu
 from kernels.quant import fp8_block_quantize, mxfp4_quantize
 from tests_util import assert_interpreted_script_passes
 
@@ -122,7 +123,10 @@ def test_twin_is_bit_exact_to_engine_stacked_experts(fmt, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_shared_expert_on_stored_fp8_linear_is_bit_exact(dtype):
+def test_shared_expert_equals_its_swiglu_on_stored_fp8_linears(dtype):
+    # The shared expert runs as a one-expert stack on the routed kernel; its gate/up GEMM is one
+    # matmul over the concatenated weights, which may sum in another order than two linears (fp32
+    # ulps); in bf16 the rounding of each GEMM output hides that.
     g = torch.Generator().manual_seed(2)
     D, I = 160, 136
     shared = Expert(D, I, dtype, limit=0.5)
@@ -133,9 +137,14 @@ def test_shared_expert_on_stored_fp8_linear_is_bit_exact(dtype):
         layer.set_quantized(w, s, "fp8", keep_dense=False)
         stored[name] = (w, s)
     x = torch.randn(3, D, generator=g).to(dtype)
-    from kernels.moe import swiglu
     h = swiglu(kernels.linear(x, *stored["w1"], "fp8").float(), kernels.linear(x, *stored["w3"], "fp8").float(), 0.5)
-    assert torch.equal(kernels.linear(h.to(dtype), *stored["w2"], "fp8"), shared(x))
+    want = kernels.linear(h.to(dtype), *stored["w2"], "fp8").float()
+    got = shared(x)
+    assert got.dtype == torch.float32
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def _op_args(fmt):

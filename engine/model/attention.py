@@ -206,9 +206,7 @@ class Attention(nn.Module):
         # Stored after every read: the ring may wrap.
         cache.store_window(self.layer, tables.window_slots, batch.positions, kv)
         # Grouped output projection: group g = heads [g*hpg, (g+1)*hpg) → o_lora_rank each.
-        grouped = out.view(T, self.n_groups, -1)
-        w = self.wo_a.weight.view(self.n_groups, cfg.o_lora_rank, -1).to(x.dtype)
-        z = torch.einsum("tgi,goi->tgo", grouped, w).reshape(T, -1)
+        z = kernels.grouped_linear(out.view(T, self.n_groups, -1), *self.wo_a.stored()).reshape(T, -1)
         y = self.wo_b(z)
         return reduce(y) if reduce is not None else y
 

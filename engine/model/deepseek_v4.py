@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+import kernels
 from engine.worker.input_batch import ForwardBatch
 from engine.model.config import ModelConfig
 from engine.worker.kv_cache import KVCache
@@ -109,7 +110,7 @@ class DeepseekV4(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 head (spec §3.1 step 4); vocab-parallel ranks gather their slices."""
-        logits = hidden.float() @ self.head.float().t()
+        logits = kernels.linear(hidden.float(), self.head, None, "dense")  # the weight upcasts in the GEMM
         if self.par.all_gather_vocab is not None:
             logits = self.par.all_gather_vocab(logits)[:, : self.cfg.vocab_size]
         return logits

@@ -7,11 +7,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.model.config import ModelConfig, YarnParams
-from kernels.torch_math import apply_rope, rms_norm  # noqa: F401  (the model's names for them)
+import kernels
+from kernels.torch_math import apply_rope, rms_norm, swiglu  # noqa: F401  (the model's names for them)
 
 
 class RMSNorm(nn.Module):
@@ -107,19 +107,20 @@ class Linear(nn.Module):
         else:
             self.dense.data = torch.empty(0, dtype=self.dense.dtype, device=self.dense.device)
 
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+        """``(weight, scale, fmt)`` as ``kernels.linear`` takes them: the stored form when kept."""
+        if self.qweight is None:
+            return self.dense, None, "dense"
+        return self.qweight, self.qscale, self.qformat
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if self.compute_dtype is not None:
-            return F.linear(x.to(self.compute_dtype), w.to(self.compute_dtype))
-        return F.linear(x.to(w.dtype), w)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
-    """SiLU-gated unit with V4's clamps: the gate one-sided (max), up two-sided (spec §3.8)."""
-    if limit > 0:
-        gate = gate.clamp(max=limit)
-        up = up.clamp(min=-limit, max=limit)
-    return F.silu(gate) * up
+        # Activations in the compute dtype (the model dtype unless fp32 is asked for); on the
+        # Triton path a stored weight is decoded in the GEMM's registers, never in memory.
+        w, scale, fmt = self.stored()
+        dtype = self.compute_dtype or self.dense.dtype
+        if fmt == "dense" and w.dtype != dtype:
+            w = w.to(dtype)
+        return kernels.linear(x.to(dtype), w, scale, fmt)
 
 
 def model_rotaries(cfg: ModelConfig) -> dict[str, Rotary]:

@@ -17,26 +17,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from engine.model.config import ModelConfig
-from engine.model.layers import Linear, swiglu
-
-MAX_TILE = 64  # rows per expert tile for large batches
-TILES_PER_CHUNK = 256  # bounds the gathered weight workspace of the torch path
-
-
-def score_fn(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "sqrtsoftplus":
-        return F.softplus(logits).sqrt()
-    if kind == "sigmoid":
-        return torch.sigmoid(logits)
-    return torch.softmax(logits, dim=-1)
+from engine.model.layers import Linear
 
 
 class Expert(nn.Module):
-    """SwiGLU MLP (the shared expert): w1 = gate, w3 = up, w2 = down."""
+    """SwiGLU MLP (the shared expert): w1 = gate, w3 = up, w2 = down. It runs on the routed
+    experts' kernel as a one-expert stack that every token uses at weight 1."""
 
     def __init__(self, dim: int, inter: int, dtype: torch.dtype, limit: float):
         super().__init__()
@@ -46,8 +36,15 @@ class Expert(nn.Module):
         self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = swiglu(self.w1(x).float(), self.w3(x).float(), self.limit)
-        return self.w2(h.to(x.dtype))
+        """fp32 ``[T, D]``."""
+        stored = [lin.stored() for lin in (self.w1, self.w3, self.w2)]
+        fmts = {fmt for _, _, fmt in stored}
+        if len(fmts) != 1:
+            raise ValueError(f"the shared expert's w1/w3/w2 must share one stored format, got {sorted(fmts)}")
+        parts = [t if t is None else t[None] for w, s, _ in stored for t in (w, s)]
+        expert = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+        return kernels.moe_experts(x, expert, torch.ones_like(expert, dtype=torch.float32), 0, *parts, fmts.pop(),
+                                   self.limit)
 
 
 @dataclass(frozen=True)
@@ -143,61 +140,18 @@ class StackedExperts(nn.Module):
                           WeightView(gate_up[local, self.inter:]))
 
     # ---- forward ------------------------------------------------------------------------
+    def stored_parts(self) -> tuple:
+        """``(w1, s1, w3, s3, w2, s2, fmt)`` as ``kernels.moe_experts`` takes them (dense parts are
+        views into the stacks)."""
+        if self.qformat is None:
+            return (self.dense_part("w1"), None, self.dense_part("w3"), None, self.dense_part("w2"), None, "dense")
+        return (self.w1_qweight, self.w1_qscale, self.w3_qweight, self.w3_qscale, self.w2_qweight, self.w2_qscale,
+                self.qformat)
+
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum_k weights[t, k] * expert_{experts[t, k]}(x[t])`` in fp32 ``[T, D]``; assignments to
         experts outside this stack count zero."""
-        T, k = experts.shape
-        n_local = len(self.expert_ids)
-        local = experts - self.expert_ids.start
-        owned = (local >= 0) & (local < n_local)
-        weights = torch.where(owned, weights, 0.0).flatten()
-        assignments = local.clamp(0, n_local - 1).flatten()
-        A = T * k
-        tile = min(MAX_TILE, _next_pow2(-(-A // n_local)))
-        rows, tile_expert = expert_tiles(assignments, n_local, tile)
-        gate_up, down = self.gate_up, self.down
-        x_pad = torch.cat([x, x.new_zeros(1, x.shape[1])])  # row T: the padding source
-        w_pad = torch.cat([weights, weights.new_zeros(1)])
-        token = torch.where(rows < A, rows // k, T)
-        out = torch.zeros(T + 1, x.shape[1], dtype=torch.float32, device=x.device)
-        for c in range(0, tile_expert.shape[0], TILES_PER_CHUNK):
-            te = tile_expert[c:c + TILES_PER_CHUNK]
-            tok = token[c * tile:(c + te.shape[0]) * tile]
-            xs = x_pad[tok].view(te.shape[0], tile, -1)
-            h = torch.bmm(xs.to(gate_up.dtype), gate_up[te].transpose(1, 2)).float()
-            act = swiglu(h[..., :self.inter], h[..., self.inter:], self.limit)
-            # The routing weight multiplies the activation before w2 (reference order).
-            act = act * w_pad[rows[c * tile:(c + te.shape[0]) * tile]].view(te.shape[0], tile, 1)
-            y = torch.bmm(act.to(down.dtype), down[te].transpose(1, 2))
-            out.index_add_(0, tok, y.reshape(-1, y.shape[-1]).float())
-        return out[:T]
-
-
-def expert_tiles(assignments: torch.Tensor, n_experts: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Assignments grouped by expert into tiles of ``tile`` rows, each tile one expert's.
-
-    Returns ``rows [n_tiles * tile]`` (assignment index, ``A`` = padding) and ``tile_expert
-    [n_tiles]``. ``n_tiles`` bounds the worst case (every non-empty expert wastes < one tile), so
-    it depends only on ``A``, ``n_experts`` and ``tile``; tiles past the last expert are padding."""
-    A = assignments.shape[0]
-    dev = assignments.device
-    counts = torch.zeros(n_experts, dtype=torch.long, device=dev).scatter_add_(
-        0, assignments, torch.ones_like(assignments))
-    padded = (counts + tile - 1) // tile * tile
-    seg_end = padded.cumsum(0)
-    order = torch.argsort(assignments, stable=True)
-    sorted_e = assignments[order]
-    rank = torch.arange(A, device=dev) - (counts.cumsum(0) - counts)[sorted_e]
-    slot = (seg_end - padded)[sorted_e] + rank
-    n_tiles = -(-(A + min(A, n_experts) * (tile - 1)) // tile)
-    rows = torch.full((n_tiles * tile,), A, dtype=torch.long, device=dev).scatter_(0, slot, order)
-    tile_start = torch.arange(n_tiles, device=dev) * tile
-    tile_expert = torch.searchsorted(seg_end, tile_start, right=True).clamp_(max=n_experts - 1)
-    return rows, tile_expert
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+        return kernels.moe_experts(x, experts, weights, self.expert_ids.start, *self.stored_parts(), self.limit)
 
 
 class MoE(nn.Module):
@@ -221,19 +175,15 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (expert indices [T, k], weights [T, k] fp32). Router math is fp32."""
-        scores = score_fn(x.float() @ self.gate_weight.float().t(), self.cfg.scoring_func)
-        if self.is_hash:
-            idx = self.tid2eid[token_ids].long()
-        else:
-            idx = torch.topk(scores + self.gate_bias.float(), self.top_k, dim=-1).indices
-        w = scores.gather(1, idx)
-        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return idx, w * self.cfg.routed_scaling_factor
+        logits = kernels.linear(x.float(), self.gate_weight, None, "dense")
+        return kernels.moe_route(logits, None if self.is_hash else self.gate_bias, token_ids,
+                                 self.tid2eid if self.is_hash else None, top_k=self.top_k,
+                                 scoring=self.cfg.scoring_func, scaling=self.cfg.routed_scaling_factor)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor,
                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         idx, weights = self.route(x, token_ids)
-        total = self.experts(x, idx, weights) + self.shared(x).float()
+        total = self.experts(x, idx, weights) + self.shared(x)
         if reduce is not None:
             # Under tensor/expert parallelism each rank holds part of the sum.
             total = reduce(total)
