@@ -17,6 +17,13 @@ Measured from outside the engine through its public API (``LLM`` → ``EngineCor
     python bench/step_profile.py [--batch-sizes 1 32 128] [--host-seqs 256] [--host-steps 30]
         [--speculative-tokens K --speculative-method mtp]   (decode steps with drafting; the MTP
         layer's own ops are reported apart)
+        [--warmup-backend torch]   (prefill and warm-up steps on the torch twins, the measured step
+        on the backend DSV4_KERNELS names: the Triton path interpreted on CPU takes minutes per
+        prefill, and the measured decode step is the same either way)
+
+The Triton path on CPU (device ops of the fused kernels, each launch one op):
+
+    DSV4_KERNELS=triton TRITON_INTERPRET=1 python bench/step_profile.py --batch-sizes 4 32 --warmup-backend torch
 
 A tiny 5-layer official-layout checkpoint (sliding, CSA, HCA, CSA, HCA) is made in a temp dir.
 """
@@ -37,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import LLM, SamplingParams  # noqa: E402
+from kernels import BACKEND_ENV  # noqa: E402
 
 SYNC_OPS = {
     "aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_static", "aten::_unique", "aten::_unique2",
@@ -56,7 +64,9 @@ class StepCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.region = "outside"
+        self.layer = -1  # the decoder block running (while region == "layers")
         self.ops: Counter = Counter()
+        self.layer_ops: Counter = Counter()
         self.syncs: Counter = Counter()
         self.sync_regions: Counter = Counter()
 
@@ -68,6 +78,8 @@ class StepCounter(TorchDispatchMode):
             self.sync_regions[self.region] += 1
         if not _is_view(func):
             self.ops[self.region] += 1
+            if self.region == "layers":
+                self.layer_ops[self.layer] += 1
         return func(*args, **kwargs)
 
     @staticmethod
@@ -98,8 +110,13 @@ def _hook_regions(model: nn.Module, counter: StepCounter) -> list:
 
     handles.append(model.register_forward_pre_hook(enter("forward")))
     handles.append(model.register_forward_hook(leave("outside")))
-    for block in model.layers:
-        handles.append(block.register_forward_pre_hook(enter("layers")))
+    def enter_block(index):
+        def pre(_m, _a, *rest):
+            counter.region, counter.layer = "layers", index
+        return pre
+
+    for i, block in enumerate(model.layers):
+        handles.append(block.register_forward_pre_hook(enter_block(i)))
         handles.append(block.register_forward_hook(leave("forward")))
     for layer in getattr(model, "mtp", ()):  # MTP drafting: its passes are counted apart
         handles.append(layer.register_forward_pre_hook(enter("mtp")))
@@ -150,7 +167,7 @@ class _TolistCounter:
 def make_model(out_dir: str) -> str:
     from engine.tiny.make_tiny import make_tiny
 
-    make_tiny(out_dir, seed=0, num_layers=5, compress_ratios=(0, 4, 128, 4, 128))
+    make_tiny(out_dir, seed=0, num_layers=5, compress_ratios=(0, 4, 128, 4, 128))  # "by layer" follows this order
     return out_dir
 
 
@@ -167,13 +184,33 @@ def _start_decoding(llm: LLM, batch: int, prompt_len: int, vocab: int) -> None:
             break
 
 
-def profile_decode(model_dir: str, batch: int, prompt_len: int, spec: dict | None = None) -> dict:
+class _Backend:
+    """Runs its block with ``DSV4_KERNELS`` set to ``backend`` (None: unchanged)."""
+
+    def __init__(self, backend: str | None):
+        self.backend, self.saved = backend, None
+
+    def __enter__(self):
+        self.saved = os.environ.get(BACKEND_ENV)
+        if self.backend is not None:
+            os.environ[BACKEND_ENV] = self.backend
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = self.saved
+
+
+def profile_decode(model_dir: str, batch: int, prompt_len: int, spec: dict | None = None,
+                   warmup_backend: str | None = None) -> dict:
     llm = LLM(model_dir, max_num_seqs=max(batch, 1), max_num_batched_tokens=max(2048, batch),
               enable_prefix_cache=False, kv_cache_memory=512 * 1024 * 1024, **(spec or {}))
     model = llm.engine.runner.model
-    _start_decoding(llm, batch, prompt_len, llm.engine.model_config.vocab_size)
-    for _ in range(3):  # warm decode steps
-        llm.engine.step()
+    with _Backend(warmup_backend):
+        _start_decoding(llm, batch, prompt_len, llm.engine.model_config.vocab_size)
+        for _ in range(3):  # warm decode steps
+            llm.engine.step()
     counter = StepCounter()
     handles = _hook_regions(model, counter)
     try:
@@ -187,6 +224,7 @@ def profile_decode(model_dir: str, batch: int, prompt_len: int, spec: dict | Non
     return {
         "batch": batch,
         "ops_per_layer": counter.ops["layers"] / n_layers,
+        "ops_by_layer": [counter.layer_ops[i] for i in range(n_layers)],  # sliding, CSA, HCA, ... by ratio
         "ops_rest_of_forward": counter.ops["forward"],
         "ops_outside_forward": counter.ops["outside"],
         "ops_mtp_layer": counter.ops["mtp"],  # every MTP pass of the step (catch-up + chain)
@@ -271,6 +309,8 @@ def main() -> None:
     ap.add_argument("--speculative-tokens", type=int, default=0,
                     help="profile decode steps with drafting (verify chunks + the drafter's work)")
     ap.add_argument("--speculative-method", default="ngram", choices=("ngram", "mtp"))
+    ap.add_argument("--warmup-backend", choices=("torch", "triton"), default=None,
+                    help="kernel backend of the prefill and warm-up steps (default: the measured step's)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -278,7 +318,7 @@ def main() -> None:
         model_dir = args.model or make_model(tmp)
         spec = dict(speculative_tokens=args.speculative_tokens, speculative_method=args.speculative_method,
                     speculative_max_batch=max(args.batch_sizes)) if args.speculative_tokens else None
-        rows = [] if args.host_only else [profile_decode(model_dir, b, args.prompt_len, spec)
+        rows = [] if args.host_only else [profile_decode(model_dir, b, args.prompt_len, spec, args.warmup_backend)
                                           for b in args.batch_sizes]
         host = host_step_time(model_dir, args.host_seqs, args.host_steps)
     if args.json:
@@ -289,7 +329,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['batch']:>5} | {r['ops_per_layer']:>9.1f} | {r['ops_rest_of_forward']:>12} | "
               f"{r['ops_outside_forward']:>11} | {r['syncs_per_step']:>10} | {r['syncs_in_forward']:>10} | "
-              f"{r['sync_kinds']}" + (f" | MTP layer ops {r['ops_mtp_layer']}" if r["ops_mtp_layer"] else ""))
+              f"{r['sync_kinds']} | by layer {r['ops_by_layer']}"
+              + (f" | MTP layer ops {r['ops_mtp_layer']}" if r["ops_mtp_layer"] else ""))
     print(f"host step time at {host['seqs']} sequences (stub model, {host['steps']} steps): "
           f"median {host['median_ms']:.2f} ms, mean {host['mean_ms']:.2f} ms; of which the model runner "
           f"(batch build + stub forward + sample) median {host['runner_median_ms']:.2f} ms, the rest is the "
