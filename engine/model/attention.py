@@ -197,10 +197,10 @@ class Attention(nn.Module):
             iq, iw = self.indexer.queries(q_lat, x, cos, sin)
             index_q = (cache.round_index_query(iq), iw)
         if self.compressor is not None:
-            self._store_entries(x, batch, cache, rotary)
+            self._store_entries(x, batch, cache, rotary, tables)
 
         if kernels.backend_for(q) == "triton":  # keys read in place, inverse RoPE in the kernel
-            out = self._attend_in_place(q, kv, batch, cache, index_q, reduce, cos, sin)
+            out = self._attend_in_place(q, kv, batch, cache, tables, index_q, reduce, cos, sin)
         else:
             out = apply_rope(self._attend_gathered(q, kv, batch, cache, index_q, reduce), cos, sin, inverse=True)
         # Stored after every read: the ring may wrap.
@@ -223,14 +223,15 @@ class Attention(nn.Module):
             outs.append(sink_attention(q[rows], keys, mask, self.attn_sink, self.softmax_scale))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _attend_in_place(self, q, kv, batch: ForwardBatch, cache: KVCache, index_q, reduce, cos, sin) -> torch.Tensor:
+    def _attend_in_place(self, q, kv, batch: ForwardBatch, cache: KVCache, tables: StepTables, index_q, reduce,
+                         cos, sin) -> torch.Tensor:
         """The kernel path: the indexer and the attention read the pools in place (same result
         as ``_attend_gathered`` + inverse RoPE)."""
         m, fp8 = self.ratio, cache.entry_codec is not None
         comp = {}
         if m == CSA_RATIO:
             ids, valid = kernels.indexer_topk(
-                index_q[0], index_q[1], batch.seq_ids, (batch.positions + 1) // m, batch.c4_tables,
+                index_q[0], index_q[1], batch.seq_ids, tables.visible[m], batch.c4_tables,
                 cache.c4_idx[self.layer], fp4=fp8, num_entries=batch.max_entries(m), topk=self.indexer.topk,
                 workspace_elements=WORKSPACE_ELEMENTS, reduce=reduce)
             comp = dict(comp_pool=cache.c4_kv[self.layer], tables=batch.c4_tables, comp_ids=ids, comp_valid=valid)
@@ -241,11 +242,12 @@ class Attention(nn.Module):
                                         cache.window[self.layer], self.attn_sink, self.softmax_scale, cos, sin,
                                         fp8=fp8, window=self.cfg.sliding_window, **comp)
 
-    def _store_entries(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, rotary: Rotary) -> None:
+    def _store_entries(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, rotary: Rotary,
+                       step: StepTables) -> None:
         """Pool the entries this step completes and write them (and their indexer keys) into
         the pools first: later queries of the same step see them."""
         entries, plan = self.compressor(x, batch, cache.state[(self.layer, "main")], rotary, x.dtype)
-        tables = batch.tables(self.ratio)[plan.seq]
+        tables = step.entry_tables[self.ratio]
         pool = cache.c4_kv[self.layer] if self.ratio == CSA_RATIO else cache.c128_kv[self.layer]
         cache.store_entries(pool, tables, plan.window, plan.valid, entries)
         if self.indexer is not None:
