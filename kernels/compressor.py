@@ -173,12 +173,14 @@ def _slots(kv_ptr, sc_ptr, ape_ptr, ring_kv, ring_sc, k, c, c_ok, w, start, row0
     if OVERLAP:  # slots [0, M): series A (channels [0, D)) of window w - 1; [M, 2M): series B of window w
         pos = tl.where(k < M, (w - 1) * M + k, w * M + k - M)
         cols = c[None, :] + tl.where(k < M, 0, D)[:, None]
-        real = (k < 2 * M) & ((k >= M) | (w > 0))  # the first window has no predecessor
+        # The first window has no predecessor. (w broadcast first: the interpreter mis-types
+        # tensor | scalar-bool.)
+        real = (k < 2 * M) & ((k >= M) | (k * 0 + w > 0))
     else:
         pos = w * M + k
         cols = c[None, :] + (k * 0)[:, None]
         real = k < M
-    in_step = real & (pos >= start) & (T > 0)
+    in_step = real & (pos >= start)
     from_ring = real & (pos < start)
     rows = (tl.minimum(tl.maximum(row0 + pos - start, 0), T - 1).to(tl.int64))[:, None]
     ring_rows = ((pos % RING + RING) % RING).to(tl.int64)[:, None]
@@ -286,6 +288,8 @@ def compress_entries_triton(kv: torch.Tensor, score: torch.Tensor, ape: torch.Te
     if E == 0:
         return out
     kv, score, ape = kv.contiguous(), score.contiguous(), ape.contiguous()
+    if kv.shape[0] == 0:  # entries but no step rows (a zero-token sequence): clamped rows read a zero row
+        kv = score = kv.new_zeros(1, kv.shape[1])
     state_kv, state_score = state_kv.contiguous(), state_score.contiguous()
     block_d2 = triton.next_power_of_2(d // 2)
     block_s = max(1, min(triton.next_power_of_2((2 if overlap else 1) * ratio), TILE_ELEMENTS // block_d2))
@@ -317,13 +321,14 @@ def _store_state_kernel(
     end = tl.maximum(tl.load(end_ptr + seq) - SLACK, 0)  # >= 0: // rounds as the twin's floor division
     keep_from = (end // M - (1 if OVERLAP else 0)) * M
     kept = (pos >= keep_from) & (slot >= 0)  # dropped rows are not written at all
+    n_cols = tl.where(kept, WIDTH, 0)
     ring = (pos % RING).to(tl.int64)
     dst_kv = skv_ptr + slot.to(tl.int64) * stride_rb + ring * stride_rr
     dst_sc = ssc_ptr + slot.to(tl.int64) * stride_rsb + ring * stride_rrs
     ape_row = ape_ptr + (pos % M) * stride_ar
     for c0 in range(0, WIDTH, BLOCK_W):
         c = c0 + tl.arange(0, BLOCK_W)
-        ok = kept & (c < WIDTH)
+        ok = c < n_cols
         tl.store(dst_kv + c, tl.load(kv_ptr + t * stride_kt + c, mask=ok, other=0.0), mask=ok)
         score = tl.load(sc_ptr + t * stride_st + c, mask=ok, other=0.0) + tl.load(ape_row + c, mask=ok, other=0.0)
         tl.store(dst_sc + c, score, mask=ok)
