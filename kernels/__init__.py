@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import compressor as _comp
 from kernels import gemm as _gemm
 from kernels import indexer as _idx
 from kernels import mhc as _mhc
@@ -154,4 +155,47 @@ def moe_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, e
     return _ops.moe_experts(x, experts, weights, int(expert_start), w1, s1, w3, s3, w2, s2, fmt, float(limit))
 
 
-__all__ = ["BACKEND_ENV", "backend_for", "backend_for_device", "grouped_linear", "hc_head", "hc_post", "hc_pre", "indexer_topk", "linear", "moe_experts", "moe_route", "sink_attention", "sparse_attention"]
+# ---- the compressor's pooling after its GEMMs --------------------------------------------------
+
+
+def compress_entries(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, state_kv: torch.Tensor,
+                     state_score: torch.Tensor, seq: torch.Tensor, window: torch.Tensor, start_pos: torch.Tensor,
+                     cu_seqlens: torch.Tensor, state_slots: torch.Tensor, norm_weight: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, *, ratio: int, overlap: bool, eps: float,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    """The compressed entries ``[E, d]`` in ``out_dtype`` a step's plan asks for: entry ``i`` pools
+    window ``window[i]`` of sequence ``seq[i]`` (``ratio`` slots; with ``overlap`` also series A of
+    the window before) from the step's raw GEMM outputs ``kv``/``score [T, coff*d]`` fp32 (score
+    without ``ape [ratio, coff*d]``, added here) or, for positions before ``start_pos[s]``, the
+    state ring ``state_kv``/``state_score [slots + 1, S, coff*d]`` of slot ``state_slots[s]``
+    (step rows from ``cu_seqlens[s]``); then RMSNorm (``norm_weight [d]``, ``eps``) and RoPE with
+    ``cos``/``sin [E, rope/2]``. Reads the ring: call before ``store_compressor_state``. Entries
+    of incomplete windows are finite filler. See ``kernels/compressor.py``."""
+    _comp.check_compress_entries_args(kv, score, ape, state_kv, state_score, seq, window, start_pos, cu_seqlens,
+                                      state_slots, norm_weight, cos, sin, ratio, overlap)
+    args = (kv, score, ape, state_kv, state_score, seq, window, start_pos, cu_seqlens, state_slots, norm_weight,
+            cos, sin, int(ratio), bool(overlap), float(eps), out_dtype)
+    if backend_for(kv) == "torch":
+        return _comp.compress_entries_torch(*args)
+    return _ops.compress_entries(*args)
+
+
+def store_compressor_state(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, positions: torch.Tensor,
+                           seq_ids: torch.Tensor, state_slots: torch.Tensor, end_pos: torch.Tensor,
+                           state_kv: torch.Tensor, state_score: torch.Tensor, *, ratio: int, overlap: bool) -> None:
+    """In place: the step rows (``positions``/``seq_ids [T]``) later steps pool into ring slot
+    ``state_slots[s]`` at row ``position % S`` (``kv``; ``score + ape[position % ratio]``): those
+    from the window in progress (with ``overlap``, the one before too), counted from the ring's
+    slack (``S - coff*ratio`` rows) before ``end_pos[s]``. Others, and NO_SLOT sequences, are
+    dropped. Call after ``compress_entries`` has read the ring."""
+    _comp.check_store_compressor_state_args(kv, score, ape, positions, seq_ids, state_slots, end_pos, state_kv,
+                                            state_score, ratio, overlap)
+    args = (kv, score, ape, positions, seq_ids, state_slots, end_pos, state_kv, state_score, int(ratio),
+            bool(overlap))
+    if backend_for(kv) == "torch":
+        _comp.store_compressor_state_torch(*args)
+    else:
+        _ops.store_compressor_state(*args)
+
+
+__all__ = ["BACKEND_ENV", "backend_for", "backend_for_device", "compress_entries", "grouped_linear", "hc_head", "hc_post", "hc_pre", "indexer_topk", "linear", "moe_experts", "moe_route", "sink_attention", "sparse_attention", "store_compressor_state"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import compressor as _comp
 from kernels import gemm as _gemm
 from kernels import indexer as _idx
 from kernels import mhc as _mhc
@@ -160,3 +161,33 @@ def moe_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, e
 @moe_experts.register_fake
 def _(x, experts, weights, expert_start, w1, s1, w3, s3, w2, s2, fmt, limit):
     return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv4::compress_entries", mutates_args=())
+def compress_entries(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, state_kv: torch.Tensor,
+                     state_score: torch.Tensor, seq: torch.Tensor, window: torch.Tensor, start_pos: torch.Tensor,
+                     cu_seqlens: torch.Tensor, state_slots: torch.Tensor, norm_weight: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, ratio: int, overlap: bool, eps: float,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    impl = _comp.compress_entries_triton if use_triton(kv) else _comp.compress_entries_torch
+    return impl(kv, score, ape, state_kv, state_score, seq, window, start_pos, cu_seqlens, state_slots,
+                norm_weight, cos, sin, ratio, overlap, eps, out_dtype)
+
+
+@compress_entries.register_fake
+def _(kv, score, ape, state_kv, state_score, seq, window, start_pos, cu_seqlens, state_slots, norm_weight,
+      cos, sin, ratio, overlap, eps, out_dtype):
+    return kv.new_empty(seq.shape[0], norm_weight.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("dsv4::store_compressor_state", mutates_args=("state_kv", "state_score"))
+def store_compressor_state(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, positions: torch.Tensor,
+                           seq_ids: torch.Tensor, state_slots: torch.Tensor, end_pos: torch.Tensor,
+                           state_kv: torch.Tensor, state_score: torch.Tensor, ratio: int, overlap: bool) -> None:
+    impl = _comp.store_compressor_state_triton if use_triton(kv) else _comp.store_compressor_state_torch
+    impl(kv, score, ape, positions, seq_ids, state_slots, end_pos, state_kv, state_score, ratio, overlap)
+
+
+@store_compressor_state.register_fake
+def _(kv, score, ape, positions, seq_ids, state_slots, end_pos, state_kv, state_score, ratio, overlap):
+    return None

@@ -25,7 +25,7 @@ from torch import nn
 
 from engine.model.config import ModelConfig
 from engine.model.layers import Linear, RMSNorm, Rotary, apply_rope, rms_norm
-from engine.worker.input_batch import NO_SLOT, CompressPlan, ForwardBatch, QueryTile
+from engine.worker.input_batch import CompressPlan, ForwardBatch, QueryTile
 from engine.worker.kv_cache import CSA_RATIO, CompressorState, KVCache
 from engine.model.step_tables import StepTables
 import kernels
@@ -57,58 +57,21 @@ class Compressor(nn.Module):
                 out_dtype: torch.dtype) -> tuple[torch.Tensor, CompressPlan]:
         """Entries ``[E, dim]`` for the step's plan at this ratio (rows the plan marks invalid
         are finite filler), after storing the tokens later steps need into ``state``."""
-        m, d = self.ratio, self.dim
+        m = self.ratio
         plan = batch.plans[m]
-        pos = batch.positions
         kv = self.wkv(x)
-        score = self.wgate(x) + self.ape[pos % m]
-        window_pos = plan.window[:, None] * m + torch.arange(m, device=x.device)  # [E, m]
-        rows = _StepOrState(batch, plan.seq, kv, score, state)
-        cur_kv, cur_sc = rows(window_pos)
-        if self.overlap:
-            prev_kv, prev_sc = rows(window_pos - m)
-            first = (plan.window == 0)[:, None, None]  # the first window has no predecessor: zero weight
-            prev_kv = prev_kv[..., :d].masked_fill(first, 0.0)
-            prev_sc = prev_sc[..., :d].masked_fill(first, float("-inf"))
-            slots_kv = torch.cat([prev_kv, cur_kv[..., d:]], dim=1)
-            slots_sc = torch.cat([prev_sc, cur_sc[..., d:]], dim=1)
-        else:
-            slots_kv, slots_sc = cur_kv, cur_sc
-        pooled = (slots_kv * torch.softmax(slots_sc, dim=1)).sum(dim=1)
-        entries = self.norm(pooled.to(out_dtype))
-        cos, sin = rotary.cos_sin(plan.window * m, entries.dtype)
-        entries = apply_rope(entries, cos, sin)
-        # Keep what later steps pool: the window in progress (and, with overlap, the one before),
-        # counted from `slack` tokens before the step's end: a verify chunk whose last `slack`
-        # tokens are rejected rolls back to there, and still finds its window in the ring.
-        span = state.kv.shape[1]
-        slack = span - (2 if self.overlap else 1) * m
-        end = batch.end_pos if slack == 0 else (batch.end_pos - slack).clamp(min=0)
-        keep_from = (end // m - (1 if self.overlap else 0)) * m
-        slots = torch.where(pos >= keep_from[batch.seq_ids], batch.state_slots[batch.seq_ids], NO_SLOT)
-        state.kv[slots, pos % span] = kv
-        state.score[slots, pos % span] = score
+        score = self.wgate(x)  # the kernels add ape at each slot's position
+        cos, sin = rotary.cos_sin(plan.window * m, out_dtype)
+        entries = kernels.compress_entries(
+            kv, score, self.ape, state.kv, state.score, plan.seq, plan.window, batch.start_pos, batch.cu_seqlens,
+            batch.state_slots, self.norm.weight, cos, sin, ratio=m, overlap=self.overlap, eps=self.eps,
+            out_dtype=out_dtype)
+        # Then keep what later steps pool (after the read above: the ring may wrap): the window in
+        # progress (and, with overlap, the one before), counted from the ring's slack before the
+        # step's end, so a verify chunk rolled back by its rejected tokens still finds its window.
+        kernels.store_compressor_state(kv, score, self.ape, batch.positions, batch.seq_ids, batch.state_slots,
+                                       batch.end_pos, state.kv, state.score, ratio=m, overlap=self.overlap)
         return entries, plan
-
-
-class _StepOrState:
-    """kv/score rows of given positions of the plan's sequences: this step's rows for positions
-    fed now, the state ring for earlier ones (read before this step's tokens are stored)."""
-
-    def __init__(self, batch: ForwardBatch, seq: torch.Tensor, kv: torch.Tensor, score: torch.Tensor,
-                 state: CompressorState):
-        self.start = batch.start_pos[seq][:, None]
-        self.row0 = batch.cu_seqlens[seq][:, None]
-        self.slot = batch.state_slots[seq][:, None]
-        self.kv, self.score, self.state = kv, score, state
-
-    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        in_step = (positions >= self.start)[..., None]
-        rows = (self.row0 + positions - self.start).clamp(0, self.kv.shape[0] - 1)
-        ring = positions % self.state.kv.shape[1]
-        kv = torch.where(in_step, self.kv[rows], self.state.kv[self.slot, ring])
-        score = torch.where(in_step, self.score[rows], self.state.score[self.slot, ring])
-        return kv, score
 
 
 class Indexer(nn.Module):
