@@ -304,7 +304,7 @@ def test_engine_compressor_runs_the_entry_points(ratio, overlap):
     cos, sin = rotary.cos_sin(plan.window * ratio, torch.bfloat16)
     want = _reference(batch, comp.wkv(x), comp.wgate(x), comp.ape, ref_kv, ref_score, comp.norm.weight, cos, sin,
                       ratio, overlap, torch.bfloat16)
-    got, got_plan = comp(x, batch, state, rotary, torch.bfloat16)
+    got, got_plan = comp(x, batch, state, (cos, sin), torch.bfloat16)
     assert got_plan is plan
     assert torch.equal(got[plan.valid], want[plan.valid])
     assert torch.equal(state.kv, ref_kv) and torch.equal(state.score, ref_score)

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from engine.model.config import ModelConfig
-from engine.model.layers import Linear, RMSNorm, Rotary, apply_rope, rms_norm
+from engine.model.layers import Linear, RMSNorm, apply_rope, rms_norm
 from engine.worker.input_batch import CompressPlan, ForwardBatch, QueryTile
 from engine.worker.kv_cache import CSA_RATIO, CompressorState, KVCache
-from engine.model.step_tables import StepTables
+from engine.model.step_tables import RopePair, StepTables
 import kernels
 from kernels import sink_attention
 from kernels.indexer import indexer_topk as running_topk
@@ -53,15 +53,16 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, coff * dim, dtype=torch.float32), requires_grad=False)
         self.norm = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, state: CompressorState, rotary: Rotary,
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, state: CompressorState, entry_rope: RopePair,
                 out_dtype: torch.dtype) -> tuple[torch.Tensor, CompressPlan]:
         """Entries ``[E, dim]`` for the step's plan at this ratio (rows the plan marks invalid
-        are finite filler), after storing the tokens later steps need into ``state``."""
+        are finite filler), after storing the tokens later steps need into ``state``.
+        ``entry_rope``: cos/sin at each planned entry's first position (``StepTables.entry_rope``)."""
         m = self.ratio
         plan = batch.plans[m]
         kv = self.wkv(x)
         score = self.wgate(x)  # the kernels add ape at each slot's position
-        cos, sin = rotary.cos_sin(plan.window * m, out_dtype)
+        cos, sin = entry_rope
         entries = kernels.compress_entries(
             kv, score, self.ape, state.kv, state.score, plan.seq, plan.window, batch.start_pos, batch.cu_seqlens,
             batch.state_slots, self.norm.weight, cos, sin, ratio=m, overlap=self.overlap, eps=self.eps,
@@ -148,7 +149,6 @@ class Attention(nn.Module):
         cfg, d = self.cfg, self.cfg.head_dim
         T = x.shape[0]
         cos, sin = tables.token_rope[rope_kind]
-        rotary = tables.rotaries[rope_kind]
         q_lat = self.q_norm(self.wq_a(x))
         q = self.wq_b(q_lat).view(T, self.n_heads, d)
         q = rms_norm(q, None, cfg.rms_norm_eps)
@@ -160,7 +160,7 @@ class Attention(nn.Module):
             iq, iw = self.indexer.queries(q_lat, x, cos, sin)
             index_q = (cache.round_index_query(iq), iw)
         if self.compressor is not None:
-            self._store_entries(x, batch, cache, rotary, tables)
+            self._store_entries(x, batch, cache, tables)
 
         if kernels.backend_for(q) == "triton":  # keys read in place, inverse RoPE in the kernel
             out = self._attend_in_place(q, kv, batch, cache, tables, index_q, reduce, cos, sin)
@@ -205,16 +205,16 @@ class Attention(nn.Module):
                                         cache.window[self.layer], self.attn_sink, self.softmax_scale, cos, sin,
                                         fp8=fp8, window=self.cfg.sliding_window, **comp)
 
-    def _store_entries(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, rotary: Rotary,
-                       step: StepTables) -> None:
+    def _store_entries(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, step: StepTables) -> None:
         """Pool the entries this step completes and write them (and their indexer keys) into
         the pools first: later queries of the same step see them."""
-        entries, plan = self.compressor(x, batch, cache.state[(self.layer, "main")], rotary, x.dtype)
+        rope = step.entry_rope[self.ratio]
+        entries, plan = self.compressor(x, batch, cache.state[(self.layer, "main")], rope, x.dtype)
         tables = step.entry_tables[self.ratio]
         pool = cache.c4_kv[self.layer] if self.ratio == CSA_RATIO else cache.c128_kv[self.layer]
         cache.store_entries(pool, tables, plan.window, plan.valid, entries)
         if self.indexer is not None:
-            keys, _ = self.indexer.compressor(x, batch, cache.state[(self.layer, "index")], rotary, x.dtype)
+            keys, _ = self.indexer.compressor(x, batch, cache.state[(self.layer, "index")], rope, x.dtype)
             cache.store_entries(cache.c4_idx[self.layer], tables, plan.window, plan.valid, keys)
 
     def _query_block(self, batch: ForwardBatch) -> int:

@@ -17,7 +17,6 @@ RopePair = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass(frozen=True)
 class StepTables:
-    rotaries: dict[str, Rotary]
     token_rope: dict[str, RopePair]  # rotary kind -> cos/sin [T, rope_dim/2] at the tokens' positions
     entry_rope: dict[int, RopePair]  # ratio -> cos/sin at the first position of each planned entry
     window_slots: torch.Tensor  # [T] ring each token is stored into (NO_SLOT: not among the newest rows)
@@ -26,8 +25,9 @@ class StepTables:
     entry_tables: dict[int, torch.Tensor]  # ratio -> [E, blocks] block table of each planned entry's sequence
 
     @classmethod
-    def build(cls, batch: ForwardBatch, cache: KVCache, rotaries, dtype: torch.dtype) -> "StepTables":
-        rotaries = {kind: r for kind, r in rotaries.items()}
+    def build(cls, batch: ForwardBatch, cache: KVCache, rotaries: dict[str, Rotary],
+              dtype: torch.dtype) -> "StepTables":
+        rotaries = {kind: r for kind, r in rotaries.items()}  # a ModuleDict: dynamo cannot dict() one
         token_rope = {kind: r.cos_sin(batch.positions, dtype) for kind, r in rotaries.items()}
         # Compressed entries only exist on compressor layers, which all rotate with "compress".
         entry_rope = {m: rotaries["compress"].cos_sin(plan.window * m, dtype) for m, plan in batch.plans.items()}
@@ -36,4 +36,4 @@ class StepTables:
         slots = torch.where(batch.newest_rows(cache.window_rows), batch.window_slots[batch.seq_ids], NO_SLOT)
         visible = {m: (batch.positions + 1) // m for m in batch.plans}
         entry_tables = {m: batch.tables(m)[plan.seq] for m, plan in batch.plans.items()}
-        return cls(rotaries, token_rope, entry_rope, slots, batch.positions % cache.window_rows, visible, entry_tables)
+        return cls(token_rope, entry_rope, slots, batch.positions % cache.window_rows, visible, entry_tables)
