@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
 from engine.model.config import ModelConfig
 from kernels.quant import (fp4_block_dequantize, fp4_block_quantize, fp8_kv_dequantize, fp8_kv_quantize,
                           hadamard_rotate)
@@ -164,10 +165,14 @@ class KVCache:
         # bytes per vector instead of values per vector.
         self.entry_codec: Fp8EntryCodec | None = None
         self.index_codec: Fp4IndexKeyCodec | None = None
+        # The record formats as kernels name them: what KV vectors / indexer queries are rounded
+        # to (``kernels.norm_rope``) and how the pools are written (``kernels.store_*``).
+        self.kv_format, self.index_format = kernels.PLAIN, kernels.PLAIN
         store_dtype = dtype
         if kv_cache_dtype == "fp8":
             _check_fp8_dims(cfg)
             self.entry_codec, self.index_codec = Fp8EntryCodec(d, cfg.rope_dim), Fp4IndexKeyCodec(di)
+            self.kv_format, self.index_format = kernels.FP8_ENTRY, kernels.FP4_KEY
             d, di, store_dtype = self.entry_codec.nbytes, self.index_codec.nbytes, torch.uint8
         self.window_rows = W + shape.ring_slack  # ring rows; attention still reads W of them
         self.window = [torch.zeros(shape.num_window_slots + PAD_ROWS, self.window_rows, d, dtype=store_dtype,
@@ -194,19 +199,6 @@ class KVCache:
                 self.c128_kv[layer] = torch.zeros(shape.num_c128_blocks + PAD_ROWS, shape.c128_entries, d,
                                                   dtype=store_dtype, device=device)
 
-    # ---- storage-format hooks (identity for kv_cache_dtype="auto") ----------------------
-    def round_kv(self, kv: torch.Tensor) -> torch.Tensor:
-        """What a KV vector becomes once stored; applied to this step's own tokens too."""
-        if self.entry_codec is None:
-            return kv
-        return self.entry_codec.round_trip(kv)
-
-    def round_index_query(self, q: torch.Tensor) -> torch.Tensor:
-        """Indexer queries, transformed like the stored indexer keys."""
-        if self.index_codec is None:
-            return q
-        return self.index_codec.round_trip(q)
-
     # ---- sliding window ring -----------------------------------------------------------
     def read_window(self, layer: int, slot: int, positions: torch.Tensor) -> torch.Tensor:
         rows = self.window[layer][slot][positions % self.window_rows]
@@ -223,10 +215,9 @@ class KVCache:
         rows = self.window[layer][slots[:, None], positions % self.window_rows]
         return rows if self.entry_codec is None else self.entry_codec.decode(rows, self.dtype)
 
-    def store_window(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
-        """Token t into ring ``slots[t]`` at ``positions[t] % window_rows`` (slot -1: dropped)."""
-        ring = self.window[layer]
-        ring[slots, positions % self.window_rows] = self._encode(ring, values)
+    def store_window(self, layer: int, slots: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Token t into ring ``slots[t]`` at row ``rows[t]`` (position % window_rows; slot -1: dropped)."""
+        kernels.store_records(self.window[layer], slots, rows, values, self.kv_format, rope_dim=self.cfg.rope_dim)
 
     # ---- compressed entries: block-table addressing ----------------------------------
     def gather_entries(self, pool: torch.Tensor, tables: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
@@ -242,10 +233,8 @@ class KVCache:
                       values: torch.Tensor) -> None:
         """Entry ``entries[i]`` of the sequence with block table ``tables[i]`` := ``values[i]``
         where ``valid[i]`` (the others go to the padding row)."""
-        E = pool.shape[1]
-        col = (entries // E).clamp(max=tables.shape[1] - 1)[:, None]
-        blocks = torch.where(valid, tables.gather(1, col).squeeze(1), -1)
-        pool[blocks, entries % E] = self._encode(pool, values)
+        fmt = self.index_format if self._codec_for(pool) is self.index_codec else self.kv_format
+        kernels.store_entries(pool, tables, entries, valid, values, fmt, rope_dim=self.cfg.rope_dim)
 
     def _encode(self, pool: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         codec = self._codec_for(pool)
