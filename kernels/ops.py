@@ -11,6 +11,7 @@ import torch
 
 from kernels import gemm as _gemm
 from kernels import indexer as _idx
+from kernels import kv_write as _kvw
 from kernels import mhc as _mhc
 from kernels import moe as _moe
 from kernels import routing as _route
@@ -160,3 +161,39 @@ def moe_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, e
 @moe_experts.register_fake
 def _(x, experts, weights, expert_start, w1, s1, w3, s3, w2, s2, fmt, limit):
     return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv4::norm_rope", mutates_args=())
+def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
+              eps: float, fmt: int, norm: bool) -> torch.Tensor:
+    impl = _kvw.norm_rope_triton if use_triton(x) else _kvw.norm_rope_torch
+    return impl(x, weight, cos, sin, eps, fmt, norm)
+
+
+@norm_rope.register_fake
+def _(x, weight, cos, sin, eps, fmt, norm):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("dsv4::store_records", mutates_args=("pool",))
+def store_records(pool: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, fmt: int,
+                  rope_dim: int) -> None:
+    impl = _kvw.store_records_triton if use_triton(values) else _kvw.store_records_torch
+    impl(pool, slots, rows, values, fmt, rope_dim)
+
+
+@store_records.register_fake
+def _(pool, slots, rows, values, fmt, rope_dim):
+    return None
+
+
+@torch.library.custom_op("dsv4::store_entries", mutates_args=("pool",))
+def store_entries(pool: torch.Tensor, tables: torch.Tensor, entries: torch.Tensor, valid: torch.Tensor,
+                  values: torch.Tensor, fmt: int, rope_dim: int) -> None:
+    impl = _kvw.store_entries_triton if use_triton(values) else _kvw.store_entries_torch
+    impl(pool, tables, entries, valid, values, fmt, rope_dim)
+
+
+@store_entries.register_fake
+def _(pool, tables, entries, valid, values, fmt, rope_dim):
+    return None
