@@ -190,7 +190,8 @@ def encode_records(values: torch.Tensor, fmt: int, rope_dim: int, dtype: torch.d
     ``.encode``), or ``values`` in the pool's ``dtype`` for PLAIN."""
     if fmt == FP8_ENTRY:
         nope_dim = values.shape[-1] - rope_dim
-        nope, rope, scale = fp8_kv_quantize(values, nope_dim, FP8_SCALE_BLOCK)
+        # Contiguous first: the byte views need unit strides (an empty rope slice keeps x's).
+        nope, rope, scale = fp8_kv_quantize(values.contiguous(), nope_dim, FP8_SCALE_BLOCK)
         pad = fp8_entry_bytes(values.shape[-1], rope_dim) - nope_dim - 2 * rope_dim - scale.shape[-1]
         return torch.cat([nope.view(torch.uint8), rope.contiguous().view(torch.uint8), scale.view(torch.uint8),
                           nope.new_zeros(*nope.shape[:-1], pad, dtype=torch.uint8)], dim=-1)
