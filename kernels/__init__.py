@@ -177,8 +177,8 @@ def store_records(pool: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, v
     """In place, ``pool[slots[t], rows[t]] = encode(values[t])`` (``values [T, D]``): pool
     ``[S, R, nbytes]`` uint8 records (``FP8_ENTRY`` with ``rope_dim`` bf16 dims, ``FP4_KEY``) or
     ``[S, R, D]`` (``PLAIN``). ``slots`` < 0 (NO_SLOT) are dropped: the kernel skips them, the torch
-    side writes them into the pool's last slot, its padding row. The window ring: slot = ring,
-    row = position % ring rows."""
+    side writes them into the pool's last slot, its padding row. Rows must lie in ``[0, R)`` and
+    the live destinations be distinct. The window ring: slot = ring, row = position % ring rows."""
     _kvw.check_store_records_args(pool, slots, rows, values, fmt, rope_dim)
     args = (pool, slots, rows, values, int(fmt), int(rope_dim))
     if backend_for(values) == "torch":

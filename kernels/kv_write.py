@@ -36,7 +36,6 @@ from kernels.torch_math import apply_rope, rms_norm
 
 FORMATS = (PLAIN, FP8_ENTRY, FP4_KEY)
 RECORD_ALIGN = 8  # FP8 entries are padded to a multiple of 8 bytes (FlashMLA)
-FP8_AMAX_FLOOR = 1e-4  # kernels.quant.ACT_AMAX_FLOOR: the act-quant rule's floor
 # The kernels handle these activation dtypes (their casts are mirrored exactly); kind = constexpr.
 _DTYPE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -88,7 +87,8 @@ def check_norm_rope_args(x: torch.Tensor, weight: torch.Tensor | None, cos: torc
         if not norm:
             raise ValueError("weight must be None when norm=False (there is no RMSNorm to weight)")
         if tuple(weight.shape) != (D,) or not weight.is_floating_point():
-            raise ValueError(f"weight must be a floating [{D}] tensor or None, got {weight.dtype} {tuple(weight.shape)}")
+            raise ValueError(f"weight must be a floating [{D}] tensor or None, "
+                             f"got {weight.dtype} {tuple(weight.shape)}")
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin must both be given or both be None")
     rope_dim = 0
@@ -328,6 +328,7 @@ def _hadamard(v, N: tl.constexpr, LOG_N: tl.constexpr):
 def _fp8_quantize(v, d, NOPE, BLOCK_D: tl.constexpr, SB: tl.constexpr):
     """FP8 entry quantisation of one vector ``v`` (lanes ``d``): e4m3 codes (lanes < NOPE), the
     per-64 scale exponents, and their lane broadcast. ``kernels.quant.fp8_kv_quantize``."""
+    # 448 = 1.75 * 2^8; amax floor 1e-4 (kernels.quant.ACT_AMAX_FLOOR).
     k, k_lanes = _block_exponents(tl.where(d < NOPE, tl.abs(v), 0.0), BLOCK_D, SB, 8, 0x600000, 1e-4)
     s = v * _e8m0(127 - k_lanes)  # / 2^k, exact
     s = tl.minimum(tl.maximum(s, -448.0), 448.0)
@@ -339,7 +340,7 @@ def _fp4_quantize(v, N: tl.constexpr, LOG_N: tl.constexpr, rot_scale, KIND: tl.c
     """FP4 key quantisation of one unrotated vector ``v [N]``: e2m1 codes, per-32 scale exponents
     and their lane broadcast. The rotation rounds to the activation dtype as ``hadamard_rotate``."""
     r = _round_to(_hadamard(v, N, LOG_N) * rot_scale, KIND)
-    k, k_lanes = _block_exponents(tl.abs(r), N, SB, 2, 0x400000, 0.0)
+    k, k_lanes = _block_exponents(tl.abs(r), N, SB, 2, 0x400000, 0.0)  # 6 = 1.5 * 2^2, no floor
     return _e2m1_code(r * _e8m0(127 - k_lanes)), k, k_lanes
 
 
@@ -415,8 +416,10 @@ def norm_rope_triton(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Te
     block = triton.next_power_of_2(D)
     sb = min(FP4_SCALE_BLOCK if fmt == FP4_KEY else FP8_SCALE_BLOCK, block)
     cs = (cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1)) if cos is not None else (0, 0, 0, 0)
+    dummy = x3  # for absent operands (their constexpr flags keep them unread)
     _norm_rope_kernel[(T * H,)](
-        x3, weight if weight is not None else x3, cos if cos is not None else x3, sin if sin is not None else x3, y,
+        x3, weight.contiguous() if weight is not None else dummy, cos if cos is not None else dummy,
+        sin if sin is not None else dummy, y,
         H, D, float(D), float(eps), float(D) ** -0.5,
         *x3.stride(), *cs, y.stride(0), y.stride(1),
         NORM=bool(norm), WEIGHT=weight is not None, HALF_ROPE=half, FMT=int(fmt), KIND=_DTYPE_KIND[x.dtype],

@@ -167,7 +167,7 @@ def _(x, experts, weights, expert_start, w1, s1, w3, s3, w2, s2, fmt, limit):
 def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
               eps: float, fmt: int, norm: bool) -> torch.Tensor:
     impl = _kvw.norm_rope_triton if use_triton(x) else _kvw.norm_rope_torch
-    return impl(x, weight, cos, sin, eps, fmt, norm)
+    return impl(x, weight, cos, sin, eps, fmt, norm).contiguous()  # the twin keeps a strided x's strides
 
 
 @norm_rope.register_fake

@@ -21,8 +21,7 @@ from engine.tiny.make_tiny import tiny_config
 from engine.worker.input_batch import NO_SLOT
 from engine.worker.kv_cache import CacheShape, Fp4IndexKeyCodec, Fp8EntryCodec, KVCache
 from kernels.kv_records import FP4_KEY, FP8_ENTRY, PLAIN
-from kernels.kv_write import (encode_records, fp4_key_bytes, fp8_entry_bytes, norm_rope_torch, round_records,
-                              store_entries_torch, store_records_torch)
+from kernels.kv_write import encode_records, fp4_key_bytes, fp8_entry_bytes, norm_rope_torch, round_records
 from tests_util import assert_interpreted_script_passes
 
 EPS = 1e-6
@@ -158,6 +157,23 @@ PARITY_SCRIPT = SETUP + f"NORM_ROPE_CASES = {NORM_ROPE_CASES!r}\n" + f"STORE_CAS
                 # an ulp across a rounding boundary: rare.
                 if fmt != PLAIN and want.numel():
                     assert (got != want).float().mean().item() <= 0.02, what
+
+    # float16 activations (their casts go through Triton's own fp16 conversion).
+    for D, R, weighted, norm, fmt in ((80, 16, True, True, FP8_ENTRY), (64, 16, False, False, FP4_KEY),
+                                      (100, 0, True, True, PLAIN)):
+        x, w, cos, sin = qkv_args(5, 3, D, R, 55, torch.float16, weighted)
+        got = norm_rope_triton(x, w, cos, sin, EPS, fmt, norm)
+        assert got.dtype == torch.float16
+        assert rel_err(got, norm_rope_torch(x, w, cos, sin, EPS, fmt, norm)) <= 1e-3, (D, fmt)
+        assert torch.equal(got, round_records(norm_rope_triton(x, w, cos, sin, EPS, PLAIN, norm), fmt, R))
+    values = record_values(9, 80, 56, torch.float16)
+    for fmt, pool in ((FP8_ENTRY, make_pool(FP8_ENTRY, 8, 6, 80, 16, 56)),
+                      (PLAIN, make_pool(PLAIN, 8, 6, 80, 0, 56, torch.float16))):
+        slots, rows = unique_rows(9, 8, 6, 56)
+        got, want = pool.clone(), pool.clone()
+        store_records_triton(got, slots, rows, values, fmt, 16)
+        store_records_torch(want, slots, rows, values, fmt, 16)
+        assert torch.equal(got[:-1], want[:-1]), ("fp16", fmt)
 
     # Strided x and cos/sin, 3-D heads.
     x, w, cos, sin = qkv_args(5, 3, 80, 16, 77)
@@ -349,6 +365,13 @@ def _q_kv_step(x, w, cos, sin, ring, slots, rows, pool, tables, entries, valid):
     return kv + 1
 
 
+def _q_kv_step_via_ops(x, w, cos, sin, ring, slots, rows, pool, tables, entries, valid):
+    kv = torch.ops.dsv4.norm_rope(x, w, cos, sin, EPS, FP8_ENTRY, True)
+    torch.ops.dsv4.store_records(ring, slots, rows, kv, FP8_ENTRY, 16)
+    torch.ops.dsv4.store_entries(pool, tables, entries, valid, kv * 2, FP8_ENTRY, 16)
+    return kv + 1
+
+
 def test_fullgraph_compile_of_the_entry_points_equals_eager():
     x, w, cos, sin = qkv_args(7, 0, 80, 16, seed=5)
     slots, rows = unique_rows(7, 8, 6, seed=5)
@@ -356,10 +379,12 @@ def test_fullgraph_compile_of_the_entry_points_equals_eager():
     ring, pool = make_pool(FP8_ENTRY, 8, 6, 80, 16, seed=5), make_pool(FP8_ENTRY, 10, 4, 80, 16, seed=6)
     eager_ring, eager_pool = ring.clone(), pool.clone()
     eager = _q_kv_step(x, w, cos, sin, eager_ring, slots, rows, eager_pool, tables, entries, valid)
-    torch._dynamo.reset()
-    step = torch.compile(_q_kv_step, fullgraph=True, backend="aot_eager")
-    compiled = step(x, w, cos, sin, ring, slots, rows, pool, tables, entries, valid)
-    assert torch.equal(compiled, eager) and torch.equal(ring, eager_ring) and torch.equal(pool, eager_pool)
+    for fn in (_q_kv_step, _q_kv_step_via_ops):
+        got_ring, got_pool = ring.clone(), pool.clone()
+        torch._dynamo.reset()
+        step = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        compiled = step(x, w, cos, sin, got_ring, slots, rows, got_pool, tables, entries, valid)
+        assert torch.equal(compiled, eager) and torch.equal(got_ring, eager_ring) and torch.equal(got_pool, eager_pool)
 
 
 @pytest.mark.parametrize("bad, param", [
