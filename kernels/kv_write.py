@@ -261,7 +261,8 @@ def _pow2_scale_exponent(amax, MAX_EXP: tl.constexpr, MAX_MANT: tl.constexpr):
     ``max_code = (1 + MAX_MANT / 2^23) * 2^MAX_EXP``; amax 0 -> -127; clamped to [-127, 127].
     From the amax's bits: torch's ``fl(amax / max_code)`` crosses a power of two exactly where
     amax crosses ``max_code`` times it (448 = 1.75 * 2^8, 6 = 1.5 * 2^2: the next float above
-    the product already rounds past the power of two)."""
+    the product already rounds past the power of two). One float differs: an FP4 amax one ulp
+    above 6 * 2^-127, whose subnormal ratio torch rounds down (no real key gets near it)."""
     bits = amax.to(tl.int32, bitcast=True)
     k = (bits >> 23) - 127 - MAX_EXP + ((bits & 0x7FFFFF) > MAX_MANT).to(tl.int32)
     k = tl.where(amax == 0.0, -127, k)
