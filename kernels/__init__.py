@@ -8,6 +8,7 @@ import torch
 from kernels import compressor as _comp
 from kernels import gemm as _gemm
 from kernels import indexer as _idx
+from kernels import kv_write as _kvw
 from kernels import mhc as _mhc
 from kernels import moe as _moe
 from kernels import ops as _ops
@@ -198,4 +199,51 @@ def store_compressor_state(kv: torch.Tensor, score: torch.Tensor, ape: torch.Ten
         _ops.store_compressor_state(*args)
 
 
-__all__ = ["BACKEND_ENV", "backend_for", "backend_for_device", "compress_entries", "grouped_linear", "hc_head", "hc_post", "hc_pre", "indexer_topk", "linear", "moe_experts", "moe_route", "sink_attention", "sparse_attention", "store_compressor_state"]
+# ---- the Q/KV path: norm + RoPE (+ the cache's rounding), paged record writes ----------------
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None, *,
+              eps: float, fmt: int, norm: bool = True) -> torch.Tensor:
+    """``x [T, D]`` or ``[T, H, D]`` (float32/bfloat16/float16) -> same shape and dtype: RMSNorm over
+    the last dim (``weight [D]`` or None; skipped if not ``norm``), interleaved RoPE on the trailing
+    ``2 * cos.shape[-1]`` channels (``cos, sin [T, R/2]``, or None: none), then ``fmt``'s rounding:
+    ``PLAIN`` none, ``FP8_ENTRY`` the stored KV vector's round trip, ``FP4_KEY`` the indexer
+    query's (Hadamard-rotated, FP4). One launch on the Triton side."""
+    _kvw.check_norm_rope_args(x, weight, cos, sin, fmt, norm)
+    args = (x, weight, cos, sin, float(eps), int(fmt), bool(norm))
+    if backend_for(x) == "torch":
+        return _kvw.norm_rope_torch(*args)
+    return _ops.norm_rope(*args)
+
+
+def store_records(pool: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, fmt: int, *,
+                  rope_dim: int = 0) -> None:
+    """In place, ``pool[slots[t], rows[t]] = encode(values[t])`` (``values [T, D]``): pool
+    ``[S, R, nbytes]`` uint8 records (``FP8_ENTRY`` with ``rope_dim`` bf16 dims, ``FP4_KEY``) or
+    ``[S, R, D]`` (``PLAIN``). ``slots`` < 0 (NO_SLOT) are dropped: the kernel skips them, the torch
+    side writes them into the pool's last slot, its padding row. Rows must lie in ``[0, R)`` and
+    the live destinations be distinct. The window ring: slot = ring, row = position % ring rows."""
+    _kvw.check_store_records_args(pool, slots, rows, values, fmt, rope_dim)
+    args = (pool, slots, rows, values, int(fmt), int(rope_dim))
+    if backend_for(values) == "torch":
+        return _kvw.store_records_torch(*args)
+    return _ops.store_records(*args)
+
+
+def store_entries(pool: torch.Tensor, tables: torch.Tensor, entries: torch.Tensor, valid: torch.Tensor,
+                  values: torch.Tensor, fmt: int, *, rope_dim: int = 0) -> None:
+    """In place, entry ``entries[i]`` of the sequence with block table ``tables[i]`` (``[T, nb]``) :=
+    ``encode(values[i])``, i.e. ``pool[tables[i, entries[i] // E], entries[i] % E]`` with ``E`` =
+    ``pool.shape[1]``, where ``valid[i]``; formats as for :func:`store_records`. Invalid rows (and
+    NO_SLOT table columns) are skipped by the kernel, written to the padding row by the torch side."""
+    _kvw.check_store_entries_args(pool, tables, entries, valid, values, fmt, rope_dim)
+    args = (pool, tables, entries, valid, values, int(fmt), int(rope_dim))
+    if backend_for(values) == "torch":
+        return _kvw.store_entries_torch(*args)
+    return _ops.store_entries(*args)
+
+
+__all__ = ["BACKEND_ENV", "FP4_KEY", "FP8_ENTRY", "PLAIN", "backend_for", "backend_for_device", "compress_entries",
+           "grouped_linear", "hc_head", "hc_post", "hc_pre", "indexer_topk", "linear", "moe_experts", "moe_route",
+           "norm_rope", "sink_attention", "sparse_attention", "store_compressor_state", "store_entries",
+           "store_records"]

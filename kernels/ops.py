@@ -12,6 +12,7 @@ import torch
 from kernels import compressor as _comp
 from kernels import gemm as _gemm
 from kernels import indexer as _idx
+from kernels import kv_write as _kvw
 from kernels import mhc as _mhc
 from kernels import moe as _moe
 from kernels import routing as _route
@@ -190,4 +191,40 @@ def store_compressor_state(kv: torch.Tensor, score: torch.Tensor, ape: torch.Ten
 
 @store_compressor_state.register_fake
 def _(kv, score, ape, positions, seq_ids, state_slots, end_pos, state_kv, state_score, ratio, overlap):
+    return None
+
+
+@torch.library.custom_op("dsv4::norm_rope", mutates_args=())
+def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
+              eps: float, fmt: int, norm: bool) -> torch.Tensor:
+    impl = _kvw.norm_rope_triton if use_triton(x) else _kvw.norm_rope_torch
+    return impl(x, weight, cos, sin, eps, fmt, norm).contiguous()  # the twin keeps a strided x's strides
+
+
+@norm_rope.register_fake
+def _(x, weight, cos, sin, eps, fmt, norm):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("dsv4::store_records", mutates_args=("pool",))
+def store_records(pool: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, fmt: int,
+                  rope_dim: int) -> None:
+    impl = _kvw.store_records_triton if use_triton(values) else _kvw.store_records_torch
+    impl(pool, slots, rows, values, fmt, rope_dim)
+
+
+@store_records.register_fake
+def _(pool, slots, rows, values, fmt, rope_dim):
+    return None
+
+
+@torch.library.custom_op("dsv4::store_entries", mutates_args=("pool",))
+def store_entries(pool: torch.Tensor, tables: torch.Tensor, entries: torch.Tensor, valid: torch.Tensor,
+                  values: torch.Tensor, fmt: int, rope_dim: int) -> None:
+    impl = _kvw.store_entries_triton if use_triton(values) else _kvw.store_entries_torch
+    impl(pool, tables, entries, valid, values, fmt, rope_dim)
+
+
+@store_entries.register_fake
+def _(pool, tables, entries, valid, values, fmt, rope_dim):
     return None

@@ -104,7 +104,9 @@ def test_running_topk_is_the_stable_order_of_all_scores(fmt, ties):
     full = indexer_scores_torch(*args, fmt, 0, 37)
     order = full.sort(dim=1, descending=True, stable=True).indices[:, :5]
     for chunk in (5, 6, 7, 37):
-        ids, valid = indexer_topk(lambda c0, c1: indexer_scores_torch(*args, fmt, c0, c1), 7, vis, 37, 5, chunk)
+        # Chunks sliced from the one score matrix: the merge is under test, and equal keys scored in
+        # chunks of other widths may round apart by an ulp on some CPUs' vector paths.
+        ids, valid = indexer_topk(lambda c0, c1: full[:, c0:c1], 7, vis, 37, 5, chunk)
         assert torch.equal(ids, order), chunk
         assert torch.equal(valid, ids < vis[:, None])
     if ties:  # equal scores really occur, and the lower entry id wins them
@@ -143,7 +145,7 @@ def test_twin_matches_the_model_indexer_on_the_cache_pools(kv_cache_dtype):
     indexer.topk = 5
     seq = torch.tensor([0, 0, 1, 1, 0])
     visible = torch.tensor([11, 6, 8, 2, 0])
-    q = cache.round_index_query(torch.randn(5, cfg.index_n_heads, cfg.index_head_dim, generator=g).bfloat16())
+    q = cache.index_codec.round_trip(torch.randn(5, cfg.index_n_heads, cfg.index_head_dim, generator=g).bfloat16())
     w = torch.randn(5, cfg.index_n_heads, generator=g)
     # Each query its own group (n_seqs = Q, one row each): keys read through that query's table.
     want = indexer.select(q, w, visible, 11, lambda c0, c1: cache.gather_entries(

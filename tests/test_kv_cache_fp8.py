@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import kernels
 from engine import LLM, SamplingParams
 from engine.worker.input_batch import ForwardBatch, SeqView
 from engine.core.cache_layout import CacheLayout, CachePool
@@ -104,8 +105,13 @@ def test_entry_records_match_plain_torch_quantiser(head_dim, rope_dim, record_by
     assert torch.equal(stored, want_bytes)
     got = cache.read_entries(pool, [2, 0, 1], 12)
     assert got.dtype == torch.float32 and torch.equal(got, want_values)
-    assert torch.equal(cache.round_kv(x), want_values)  # this step's tokens see stored values
-    assert torch.equal(cache.round_kv(want_values), want_values)  # storing again changes nothing
+    # This step's tokens see the stored values: the Q/KV kernel rounds with the cache's format
+    # (here around a RoPE by angle 0, which only marks the rope dims).
+    def rounded(v):
+        cos, sin = torch.ones(v.shape[0], rope_dim // 2), torch.zeros(v.shape[0], rope_dim // 2)
+        return kernels.norm_rope(v, None, cos, sin, eps=0.0, fmt=cache.kv_format, norm=False)
+    assert torch.equal(rounded(x), want_values)
+    assert torch.equal(rounded(want_values), want_values)  # storing again changes nothing
 
 
 def test_window_ring_stores_fp8_records_and_wraps():
@@ -149,7 +155,8 @@ def test_index_keys_are_fp4_of_hadamard_rotated_keys(index_head_dim):
     # Queries: the same rotation and FP4 simulation, per head.
     q = torch.randn(5, 3, index_head_dim, generator=g)
     _, q_values = ref_index_key(q.view(-1, index_head_dim))
-    assert torch.equal(cache.round_index_query(q), q_values.view(5, 3, index_head_dim))
+    got = kernels.norm_rope(q, None, None, None, eps=0.0, fmt=cache.index_format, norm=False)
+    assert torch.equal(got, q_values.view(5, 3, index_head_dim))
     # The rotation alone is orthogonal: scores equal the unrotated ones up to FP4 error only.
     h = sylvester_hadamard(index_head_dim).float() / math.sqrt(index_head_dim)
     assert torch.allclose((q @ h) @ (k @ h).T, q @ k.T, atol=1e-4)
@@ -207,7 +214,7 @@ def test_auto_keeps_model_dtype_values_exactly():
     cache = make_cache(dtype=torch.bfloat16, kv_cache_dtype="auto", head_dim=80)
     x = torch.randn(5, 80, dtype=torch.bfloat16)
     assert cache.c4_kv[1].dtype == torch.bfloat16 and cache.c4_kv[1].shape[-1] == 80
-    assert cache.round_kv(x) is x and cache.round_index_query(x) is x
+    assert cache.kv_format == cache.index_format == kernels.PLAIN
     cache.write_entries(cache.c4_idx[1], [0, 2], 0, x[:, :32])
     assert torch.equal(cache.read_entries(cache.c4_idx[1], [0, 2], 5), x[:, :32])
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from engine.model.config import ModelConfig
-from engine.model.layers import Linear, RMSNorm, apply_rope, rms_norm
+from engine.model.layers import Linear, RMSNorm, apply_rope
 from engine.worker.input_batch import CompressPlan, ForwardBatch, QueryTile
 from engine.worker.kv_cache import CSA_RATIO, CompressorState, KVCache
 from engine.model.step_tables import RopePair, StepTables
@@ -88,9 +88,11 @@ class Indexer(nn.Module):
         self.weights_proj = Linear(cfg.hidden_size, n_heads, dtype)
         self.compressor = Compressor(cfg.hidden_size, cfg.index_head_dim, CSA_RATIO, True, cfg.rms_norm_eps)
 
-    def queries(self, q_lat: torch.Tensor, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries(self, q_lat: torch.Tensor, x: torch.Tensor, cos, sin, fmt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head queries (RoPE, then ``fmt``'s rounding: under an FP8 cache the Hadamard
+        rotation and FP4 of the stored keys) and their head weights."""
         q = self.wq_b(q_lat).view(q_lat.shape[0], self.n_heads, self.head_dim)
-        q = apply_rope(q, cos, sin)
+        q = kernels.norm_rope(q, None, cos, sin, eps=0.0, fmt=fmt, norm=False)
         w = self.weights_proj(x).float() * (self.total_heads ** -0.5)
         return q, w
 
@@ -148,17 +150,16 @@ class Attention(nn.Module):
                 reduce: Reduce | None = None) -> torch.Tensor:
         cfg, d = self.cfg, self.cfg.head_dim
         T = x.shape[0]
+        eps = cfg.rms_norm_eps
         cos, sin = tables.token_rope[rope_kind]
-        q_lat = self.q_norm(self.wq_a(x))
-        q = self.wq_b(q_lat).view(T, self.n_heads, d)
-        q = rms_norm(q, None, cfg.rms_norm_eps)
-        q = apply_rope(q, cos, sin)
-        # With an FP8 KV cache the reference rounds kv before using it, cached or not.
-        kv = cache.round_kv(apply_rope(self.kv_norm(self.wkv(x)), cos, sin))
+        q_lat = kernels.norm_rope(self.wq_a(x), self.q_norm.weight, None, None, eps=eps, fmt=kernels.PLAIN)
+        # Queries: per-head unweighted RMS, then RoPE. kv: norm, RoPE and, with an FP8 cache, the
+        # stored record's rounding (the reference rounds kv before using it, cached or not).
+        q = kernels.norm_rope(self.wq_b(q_lat).view(T, self.n_heads, d), None, cos, sin, eps=eps, fmt=kernels.PLAIN)
+        kv = kernels.norm_rope(self.wkv(x), self.kv_norm.weight, cos, sin, eps=eps, fmt=cache.kv_format)
         index_q = None
         if self.indexer is not None:
-            iq, iw = self.indexer.queries(q_lat, x, cos, sin)
-            index_q = (cache.round_index_query(iq), iw)
+            index_q = self.indexer.queries(q_lat, x, cos, sin, cache.index_format)
         if self.compressor is not None:
             self._store_entries(x, batch, cache, tables)
 
@@ -167,7 +168,7 @@ class Attention(nn.Module):
         else:
             out = apply_rope(self._attend_gathered(q, kv, batch, cache, index_q, reduce), cos, sin, inverse=True)
         # Stored after every read: the ring may wrap.
-        cache.store_window(self.layer, tables.window_slots, batch.positions, kv)
+        cache.store_window(self.layer, tables.window_slots, tables.window_rows, kv)
         # Grouped output projection: group g = heads [g*hpg, (g+1)*hpg) → o_lora_rank each.
         z = kernels.grouped_linear(out.view(T, self.n_groups, -1), *self.wo_a.stored()).reshape(T, -1)
         y = self.wo_b(z)
