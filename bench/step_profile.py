@@ -3,7 +3,11 @@
 Measured from outside the engine through its public API (``LLM`` → ``EngineCore.step``):
 
 - **device ops**: every aten op dispatched while one decode step runs, counted with a
-  ``TorchDispatchMode`` (view ops excluded: they launch nothing). "per layer" counts the ops
+  ``TorchDispatchMode`` (view ops excluded: they launch nothing); a fused kernel's custom op
+  (``dsv4::*``) counts one.
+- **kernel launches**: the same ops less allocations (``empty*``: no kernel), with each fused op
+  replaced by what it launches: its Triton kernels (``JITFunction.run``, interpreted or not) and
+  any aten op its launcher dispatches (output zero-fills and the like). "per layer" counts the ops
   dispatched inside the model's decoder blocks (forward hooks mark them) divided by the number
   of layers; "rest of forward" and "outside forward" are the remainder.
 - **host syncs**: ops that make the host wait for the device — ``aten._local_scalar_dense``
@@ -39,6 +43,7 @@ from collections import Counter
 
 import torch
 from torch import nn
+from torch._library.custom_ops import _maybe_get_opdef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,8 +63,11 @@ def _is_view(func) -> bool:
         func.is_view or any(a.alias_info is not None and not a.alias_info.is_write for a in func._schema.returns))
 
 
+ALLOCATIONS = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided"}
+
+
 class StepCounter(TorchDispatchMode):
-    """Counts dispatched aten ops by region and host syncs (see module docstring)."""
+    """Counts dispatched aten ops and kernel launches by region, and host syncs (see module docstring)."""
 
     def __init__(self):
         super().__init__()
@@ -67,8 +75,16 @@ class StepCounter(TorchDispatchMode):
         self.layer = -1  # the decoder block running (while region == "layers")
         self.ops: Counter = Counter()
         self.layer_ops: Counter = Counter()
+        self.launches: Counter = Counter()
+        self.layer_launches: Counter = Counter()
+        self.in_triton = False  # a Triton kernel is running (the interpreter's own tensor work is not a launch)
         self.syncs: Counter = Counter()
         self.sync_regions: Counter = Counter()
+
+    def count_launch(self) -> None:
+        self.launches[self.region] += 1
+        if self.region == "layers":
+            self.layer_launches[self.layer] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -80,6 +96,11 @@ class StepCounter(TorchDispatchMode):
             self.ops[self.region] += 1
             if self.region == "layers":
                 self.layer_ops[self.layer] += 1
+            if name.startswith("dsv4::"):  # its implementation runs under a mode that sees its launches
+                with _FusedOpLaunches(self):
+                    return _maybe_get_opdef(name)._init_fn(*args, **kwargs)
+            if name not in ALLOCATIONS:
+                self.count_launch()
         return func(*args, **kwargs)
 
     @staticmethod
@@ -92,6 +113,54 @@ class StepCounter(TorchDispatchMode):
             dst_dev = args[0].device
         return (isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst_dev is not None
                 and torch.device(dst_dev).type == "cpu")
+
+
+class _FusedOpLaunches(TorchDispatchMode):
+    """Inside a fused op: the aten ops its launcher dispatches that launch a kernel."""
+
+    def __init__(self, counter: StepCounter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        # The interpreter's own copies of a kernel's arguments happen inside run: not launches.
+        if not self.counter.in_triton and not _is_view(func) and name not in ALLOCATIONS:
+            self.counter.count_launch()
+        return func(*args, **(kwargs or {}))
+
+
+class _TritonLaunches:
+    """Counts every Triton kernel launch (``fn[grid](...)`` calls ``run``) into ``counter``."""
+
+    def __init__(self, counter: StepCounter):
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        self.counter, self.classes = counter, (JITFunction, InterpretedFunction)
+        self.saved = [cls.run for cls in self.classes]
+
+    def __enter__(self):
+        counter = self.counter
+
+        def wrap(run):
+            def counted(fn, *args, **kwargs):
+                if kwargs.get("warmup"):
+                    return run(fn, *args, **kwargs)
+                counter.count_launch()
+                counter.in_triton = True
+                try:
+                    return run(fn, *args, **kwargs)
+                finally:
+                    counter.in_triton = False
+            return counted
+        for cls, run in zip(self.classes, self.saved):
+            cls.run = wrap(run)
+        return self
+
+    def __exit__(self, *exc):
+        for cls, run in zip(self.classes, self.saved):
+            cls.run = run
 
 
 def _hook_regions(model: nn.Module, counter: StepCounter) -> list:
@@ -214,7 +283,7 @@ def profile_decode(model_dir: str, batch: int, prompt_len: int, spec: dict | Non
     counter = StepCounter()
     handles = _hook_regions(model, counter)
     try:
-        with counter, _TolistCounter(counter):
+        with counter, _TolistCounter(counter), _TritonLaunches(counter):
             llm.engine.step()
     finally:
         for h in handles:
@@ -225,6 +294,8 @@ def profile_decode(model_dir: str, batch: int, prompt_len: int, spec: dict | Non
         "batch": batch,
         "ops_per_layer": counter.ops["layers"] / n_layers,
         "ops_by_layer": [counter.layer_ops[i] for i in range(n_layers)],  # sliding, CSA, HCA, ... by ratio
+        "launches_per_layer": counter.launches["layers"] / n_layers,
+        "launches_by_layer": [counter.layer_launches[i] for i in range(n_layers)],
         "ops_rest_of_forward": counter.ops["forward"],
         "ops_outside_forward": counter.ops["outside"],
         "ops_mtp_layer": counter.ops["mtp"],  # every MTP pass of the step (catch-up + chain)
@@ -324,12 +395,13 @@ def main() -> None:
     if args.json:
         print(json.dumps({"decode": rows, "host": host}, indent=2))
         return
-    print(f"{'batch':>5} | {'ops/layer':>9} | {'ops rest fwd':>12} | {'ops outside':>11} | {'syncs/step':>10} | "
-          f"{'in forward':>10} | kinds")
+    print(f"{'batch':>5} | {'ops/layer':>9} | {'launches/layer':>14} | {'ops rest fwd':>12} | {'ops outside':>11} | "
+          f"{'syncs/step':>10} | {'in forward':>10} | kinds")
     for r in rows:
-        print(f"{r['batch']:>5} | {r['ops_per_layer']:>9.1f} | {r['ops_rest_of_forward']:>12} | "
-              f"{r['ops_outside_forward']:>11} | {r['syncs_per_step']:>10} | {r['syncs_in_forward']:>10} | "
-              f"{r['sync_kinds']} | by layer {r['ops_by_layer']}"
+        print(f"{r['batch']:>5} | {r['ops_per_layer']:>9.1f} | {r['launches_per_layer']:>14.1f} | "
+              f"{r['ops_rest_of_forward']:>12} | {r['ops_outside_forward']:>11} | {r['syncs_per_step']:>10} | "
+              f"{r['syncs_in_forward']:>10} | {r['sync_kinds']} | ops by layer {r['ops_by_layer']}, "
+              f"launches by layer {r['launches_by_layer']}"
               + (f" | MTP layer ops {r['ops_mtp_layer']}" if r["ops_mtp_layer"] else ""))
     print(f"host step time at {host['seqs']} sequences (stub model, {host['steps']} steps): "
           f"median {host['median_ms']:.2f} ms, mean {host['mean_ms']:.2f} ms; of which the model runner "

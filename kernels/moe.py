@@ -22,8 +22,9 @@ weight-reading launches:
      registers (no atomics, deterministic) into the fp32 output.
   Nothing is sorted (sorting costs a dozen small launches per layer), and each program reads its
   expert's weight rows once; tokens sharing an expert re-read them through L2.
-- prefill (many assignments per expert): ``expert_tiles`` sorts the assignments into tiles of
-  ``TILE_M`` rows of one expert (foreign ones into an extra bucket that computes nothing); the
+- prefill (many assignments per expert): one launch (``expert_tiles_triton``, the twin of
+  ``expert_tiles``) sorts the assignments into tiles of ``TILE_M`` rows of one expert (foreign
+  ones into an extra bucket that computes nothing); the
   same two stages run as ``tl.dot`` tiles, so each weight tile is read once per ``TILE_M``
   assignments; the down stage writes per-assignment rows and one ``sum`` over k finishes.
 """
@@ -355,6 +356,64 @@ def _moe_per_assignment(x, experts, weights, expert_start, E, inter, weight_args
     return out
 
 
+@triton.jit
+def _expert_tiles_kernel(experts_ptr, rows_ptr, tile_expert_ptr, A, expert_start, E, n_tiles,
+                         TILE: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    # One program: count per bucket (local expert, or E for foreign ones), pad each bucket to whole
+    # tiles, then place every assignment at its bucket's start + its rank among the bucket's earlier
+    # assignments (the stable order of expert_tiles), padding rows holding A.
+    lanes = tl.arange(0, E_PAD)
+    idx = tl.arange(0, BLOCK)
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for a0 in range(0, A, BLOCK):
+        a = a0 + idx
+        ok = a < A
+        local = tl.load(experts_ptr + a, mask=ok, other=0).to(tl.int32) - expert_start
+        bucket = tl.where((local >= 0) & (local < E), local, E)
+        bucket = tl.where(ok, bucket, -1)
+        counts += tl.sum((bucket[:, None] == lanes[None, :]).to(tl.int32), axis=0)
+    padded = (counts + TILE - 1) // TILE * TILE
+    seg_end = tl.cumsum(padded, axis=0)
+    placed = seg_end - padded  # each bucket's next free row
+    for s0 in range(0, n_tiles * TILE, BLOCK):
+        s = s0 + idx
+        tl.store(rows_ptr + s, (s * 0 + A).to(tl.int64), mask=s < n_tiles * TILE)
+    for a0 in range(0, A, BLOCK):
+        a = a0 + idx
+        ok = a < A
+        local = tl.load(experts_ptr + a, mask=ok, other=0).to(tl.int32) - expert_start
+        bucket = tl.where((local >= 0) & (local < E), local, E)
+        bucket = tl.where(ok, bucket, -1)
+        onehot = bucket[:, None] == lanes[None, :]
+        earlier = (bucket[:, None] == bucket[None, :]) & (idx[None, :] < idx[:, None])
+        slot = tl.sum(tl.where(onehot, placed[None, :], 0), axis=1) + tl.sum(earlier.to(tl.int32), axis=1)
+        tl.store(rows_ptr + slot, a.to(tl.int64), mask=ok)
+        placed += tl.sum(onehot.to(tl.int32), axis=0)
+    real = lanes <= E
+    for t0 in range(0, n_tiles, BLOCK):
+        t = t0 + idx
+        # searchsorted(seg_end, t * TILE, right=True) over the E + 1 buckets, clamped to the last.
+        ahead = (seg_end[None, :] <= (t * TILE)[:, None]) & real[None, :]
+        te = tl.minimum(tl.sum(ahead.to(tl.int32), axis=1), E)
+        tl.store(tile_expert_ptr + t, te.to(tl.int64), mask=t < n_tiles)
+
+
+def expert_tiles_triton(experts: torch.Tensor, expert_start: int, E: int, tile: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``expert_tiles`` of the assignments ``experts`` (global ids, any shape) bucketed to local
+    experts ``[0, E)`` and ``E`` for foreign ones, in one launch."""
+    flat = experts.reshape(-1)
+    A = flat.shape[0]
+    n_buckets = E + 1
+    n_tiles = -(-(A + min(A, n_buckets) * (tile - 1)) // tile)
+    rows = torch.empty(n_tiles * tile, dtype=torch.long, device=experts.device)
+    tile_expert = torch.empty(n_tiles, dtype=torch.long, device=experts.device)
+    if n_tiles:
+        _expert_tiles_kernel[(1,)](flat, rows, tile_expert, A, expert_start, E, n_tiles,
+                                   TILE=tile, BLOCK=64, E_PAD=triton.next_power_of_2(n_buckets))
+    return rows, tile_expert
+
+
 def _moe_tiled(x, experts, weights, expert_start, E, inter, weight_args, strides, limit, meta):
     """Prefill: assignments sorted into tiles of one expert each (``expert_tiles``; foreign ones into
     a bucket ``E`` that computes nothing), ``tl.dot`` tiles reading each weight tile once per tile,
@@ -363,9 +422,7 @@ def _moe_tiled(x, experts, weights, expert_start, E, inter, weight_args, strides
     k = experts.shape[1]
     A = T * k
     (w1k, s1k), (w3k, s3k), (w2k, s2k) = weight_args
-    local = (experts - expert_start).flatten()
-    bucket = torch.where((local >= 0) & (local < E), local, E).long()
-    rows, tile_expert = expert_tiles(bucket, E + 1, TILE_M)
+    rows, tile_expert = expert_tiles_triton(experts, expert_start, E, TILE_M)
     act = torch.empty(A, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(A, D, dtype=torch.float32, device=x.device)
     meta = dict(meta, IEEE=x.dtype == torch.float32, BLOCK_M=TILE_M)

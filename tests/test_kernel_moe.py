@@ -42,7 +42,7 @@ def case(g, fmt, T, k, E, D, I, start, dense_views=False):
 # D = 136: the FP8 row blocks of w2 straddle 128 (and its K = D of w1/w3); I = 24, k = 2 and 6.
 PARITY_SCRIPT = SETUP + textwrap.dedent("""
     import kernels
-    from kernels.moe import moe_experts_torch, moe_experts_triton
+    from kernels.moe import expert_tiles, expert_tiles_triton, moe_experts_torch, moe_experts_triton
     from kernels.sink_attention import INTERPRETED
 
     assert INTERPRETED, "TRITON_INTERPRET=1 did not reach triton"
@@ -67,6 +67,15 @@ PARITY_SCRIPT = SETUP + textwrap.dedent("""
                 diff = (got - want).abs().max().item()
                 assert diff <= 1e-5 * max(1.0, want.abs().max().item()), (fmt, T, k, tiled, diff)
                 worst = max(worst, diff)
+    # The one-launch sort into expert tiles == the torch one, row for row (stable within an expert):
+    # empty, one expert, foreign ids, several 64-assignment blocks, tiles of 4..64 rows.
+    for T, k, start, E, tile in [(0, 2, 0, 4, 4), (1, 1, 0, 1, 64), (5, 2, 0, 8, 4), (37, 3, 2, 5, 8),
+                                 (200, 2, 0, 8, 64), (64, 6, 3, 16, 16), (300, 1, 0, 1, 64)]:
+        ex = torch.randint(0, start + E + 2, (T, k), generator=g)
+        local = (ex - start).flatten()
+        want = expert_tiles(torch.where((local >= 0) & (local < E), local, E).long(), E + 1, tile)
+        got = expert_tiles_triton(ex, start, E, tile)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (T, k, start, E, tile)
     # Only foreign assignments: zeros; and the public entry point takes the Triton side.
     args = list(case(g, "fp8", 2, 2, 2, 40, 24, 0))
     args[1] = torch.full((2, 2), 5)
