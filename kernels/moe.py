@@ -228,6 +228,16 @@ def _tile_dot(acc, a_ptrs, a_ok, w_ptr, s_ptr, rows, n_ok, KDIM, stride_ak, stri
 
 
 @triton.jit
+def _tile_assignments(rows_ptr, tile_expert_ptr, A, E, BLOCK_M: tl.constexpr):
+    """This program's tile: its assignment ids, which of them compute (tiles of bucket E hold
+    foreign ones: none), and its expert clamped into the stack."""
+    tile = tl.program_id(0).to(tl.int64)
+    a = tl.load(rows_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+    e = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    return a, a < tl.where(e < E, A, 0), tl.minimum(e, E - 1)
+
+
+@triton.jit
 def _gate_up_tiled_kernel(
     x_ptr, rows_ptr, tile_expert_ptr, weights_ptr, act_ptr,
     w1_ptr, s1_ptr, w3_ptr, s3_ptr,
@@ -240,11 +250,7 @@ def _gate_up_tiled_kernel(
 ):
     # One program per (tile of one expert's assignments, block of I): the expert's weight tile is
     # read once for BLOCK_M assignments. Tiles of expert E hold foreign assignments: act = 0.
-    tile = tl.program_id(0).to(tl.int64)
-    a = tl.load(rows_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
-    e = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    a_ok = a < tl.where(e < E, A, 0)
-    e = tl.minimum(e, E - 1)
+    a, a_ok, e = _tile_assignments(rows_ptr, tile_expert_ptr, A, E, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < INTER
     rows = n.to(tl.int64)[:, None]
@@ -271,11 +277,7 @@ def _down_tiled_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # y[a, n] = act[a] . w2_e[n] per assignment (foreign: 0); the caller sums each token's k rows.
-    tile = tl.program_id(0).to(tl.int64)
-    a = tl.load(rows_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
-    e = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    a_ok = a < tl.where(e < E, A, 0)
-    e = tl.minimum(e, E - 1)
+    a, a_ok, e = _tile_assignments(rows_ptr, tile_expert_ptr, A, E, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < D
     y = _tile_dot(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), act_ptr + a[:, None] * stride_aa, a_ok,
@@ -357,6 +359,13 @@ def _moe_per_assignment(x, experts, weights, expert_start, E, inter, weight_args
 
 
 @triton.jit
+def _bucket(experts_ptr, a, ok, expert_start, E):
+    """Bucket of assignments ``a``: the local expert, E for a foreign one, -1 past the end."""
+    local = tl.load(experts_ptr + a, mask=ok, other=0).to(tl.int32) - expert_start
+    return tl.where(ok, tl.where((local >= 0) & (local < E), local, E), -1)
+
+
+@triton.jit
 def _expert_tiles_kernel(experts_ptr, rows_ptr, tile_expert_ptr, A, expert_start, E, n_tiles,
                          TILE: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
     # One program: count per bucket (local expert, or E for foreign ones), pad each bucket to whole
@@ -368,9 +377,7 @@ def _expert_tiles_kernel(experts_ptr, rows_ptr, tile_expert_ptr, A, expert_start
     for a0 in range(0, A, BLOCK):
         a = a0 + idx
         ok = a < A
-        local = tl.load(experts_ptr + a, mask=ok, other=0).to(tl.int32) - expert_start
-        bucket = tl.where((local >= 0) & (local < E), local, E)
-        bucket = tl.where(ok, bucket, -1)
+        bucket = _bucket(experts_ptr, a, ok, expert_start, E)
         counts += tl.sum((bucket[:, None] == lanes[None, :]).to(tl.int32), axis=0)
     padded = (counts + TILE - 1) // TILE * TILE
     seg_end = tl.cumsum(padded, axis=0)
@@ -381,9 +388,7 @@ def _expert_tiles_kernel(experts_ptr, rows_ptr, tile_expert_ptr, A, expert_start
     for a0 in range(0, A, BLOCK):
         a = a0 + idx
         ok = a < A
-        local = tl.load(experts_ptr + a, mask=ok, other=0).to(tl.int32) - expert_start
-        bucket = tl.where((local >= 0) & (local < E), local, E)
-        bucket = tl.where(ok, bucket, -1)
+        bucket = _bucket(experts_ptr, a, ok, expert_start, E)
         onehot = bucket[:, None] == lanes[None, :]
         earlier = (bucket[:, None] == bucket[None, :]) & (idx[None, :] < idx[:, None])
         slot = tl.sum(tl.where(onehot, placed[None, :], 0), axis=1) + tl.sum(earlier.to(tl.int32), axis=1)
