@@ -21,7 +21,7 @@ Measured from outside the engine through its public API (``LLM`` → ``EngineCor
     python bench/step_profile.py [--batch-sizes 1 32 128] [--host-seqs 256] [--host-steps 30]
         [--speculative-tokens K --speculative-method mtp]   (decode steps with drafting; the MTP
         layer's own ops are reported apart)
-        [--warmup-backend torch]   (prefill and warm-up steps on the torch twins, the measured step
+        [--kv-cache-dtype fp8] [--warmup-backend torch]   (prefill and warm-up steps on the torch twins, the measured step
         on the backend DSV4_KERNELS names: the Triton path interpreted on CPU takes minutes per
         prefill, and the measured decode step is the same either way)
 
@@ -272,9 +272,10 @@ class _Backend:
 
 
 def profile_decode(model_dir: str, batch: int, prompt_len: int, spec: dict | None = None,
-                   warmup_backend: str | None = None) -> dict:
+                   warmup_backend: str | None = None, kv_cache_dtype: str = "auto") -> dict:
     llm = LLM(model_dir, max_num_seqs=max(batch, 1), max_num_batched_tokens=max(2048, batch),
-              enable_prefix_cache=False, kv_cache_memory=512 * 1024 * 1024, **(spec or {}))
+              enable_prefix_cache=False, kv_cache_memory=512 * 1024 * 1024, kv_cache_dtype=kv_cache_dtype,
+              **(spec or {}))
     model = llm.engine.runner.model
     with _Backend(warmup_backend):
         _start_decoding(llm, batch, prompt_len, llm.engine.model_config.vocab_size)
@@ -382,6 +383,7 @@ def main() -> None:
     ap.add_argument("--speculative-method", default="ngram", choices=("ngram", "mtp"))
     ap.add_argument("--warmup-backend", choices=("torch", "triton"), default=None,
                     help="kernel backend of the prefill and warm-up steps (default: the measured step's)")
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -389,7 +391,8 @@ def main() -> None:
         model_dir = args.model or make_model(tmp)
         spec = dict(speculative_tokens=args.speculative_tokens, speculative_method=args.speculative_method,
                     speculative_max_batch=max(args.batch_sizes)) if args.speculative_tokens else None
-        rows = [] if args.host_only else [profile_decode(model_dir, b, args.prompt_len, spec, args.warmup_backend)
+        rows = [] if args.host_only else [profile_decode(model_dir, b, args.prompt_len, spec, args.warmup_backend,
+                                                         args.kv_cache_dtype)
                                           for b in args.batch_sizes]
         host = host_step_time(model_dir, args.host_seqs, args.host_steps)
     if args.json:

@@ -145,7 +145,8 @@ def test_twin_matches_the_model_indexer_on_the_cache_pools(kv_cache_dtype):
     indexer.topk = 5
     seq = torch.tensor([0, 0, 1, 1, 0])
     visible = torch.tensor([11, 6, 8, 2, 0])
-    q = cache.index_codec.round_trip(torch.randn(5, cfg.index_n_heads, cfg.index_head_dim, generator=g).bfloat16())
+    q = torch.randn(5, cfg.index_n_heads, cfg.index_head_dim, generator=g).bfloat16()
+    q = kernels.norm_rope(q, None, None, None, eps=0.0, fmt=cache.index_format, norm=False)  # the model's rounding
     w = torch.randn(5, cfg.index_n_heads, generator=g)
     # Each query its own group (n_seqs = Q, one row each): keys read through that query's table.
     want = indexer.select(q, w, visible, 11, lambda c0, c1: cache.gather_entries(
