@@ -121,15 +121,17 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, token_ids: torch.
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+           out_dtype: torch.dtype | None = None, *, act_quant: bool = False) -> torch.Tensor:
     """``x [..., K] @ dequant(w).T -> [..., N]`` in ``out_dtype`` (default x's dtype). ``fmt``:
     ``"dense"`` (``w [N, K]``, ``scale`` None), ``"fp8"`` (e4m3 ``[N, K]`` + e8m0 per 128x128),
     ``"fp4"`` (int8 packed ``[N, K/2]`` + e8m0 per 32 columns). Activations compute in x's dtype;
-    the Triton kernel decodes the stored weight in registers and accumulates in fp32."""
+    the Triton kernel decodes the stored weight in registers and accumulates in fp32.
+    ``act_quant``: x is first rounded to FP8 per token per 128 channels (DeepSeek's reference
+    numerics for FP8 weights; see ``kernels/gemm.py``)."""
     _gemm.check_linear_args(x, w, scale, fmt)
     if backend_for(x) == "torch":
-        return _gemm.linear_torch(x, w, scale, fmt, out_dtype)
-    y = _ops.linear(x.reshape(-1, x.shape[-1]), w, scale, fmt, out_dtype)
+        return _gemm.linear_torch(x, w, scale, fmt, out_dtype, bool(act_quant))
+    y = _ops.linear(x.reshape(-1, x.shape[-1]), w, scale, fmt, out_dtype, bool(act_quant))
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -6,6 +6,12 @@ Weight formats (``fmt``, see ``kernels/quant.py``):
 - ``"fp4"``: ``w [N, K/2]`` int8, two e2m1 nibbles per byte (low = even column),
   ``scale [N, ceil(K/32)]`` e8m0 (or float32).
 
+``act_quant`` (FP8 weights, as DeepSeek's reference runs them, spec §3.9): the activations are
+first rounded per token per 128 channels to e4m3 with a power-of-two scale
+(``kernels.quant.act_quant_fp8``), then the GEMM runs as above on those exact values (the same
+products as an FP8 x FP8 MMA rescaled per block). Off by default: transformers, the parity
+reference, computes with unquantised activations.
+
 ``linear_torch`` / ``grouped_linear_torch`` are the twins (dequantise with ``kernels.quant`` in x's
 dtype, then ``F.linear`` / the grouped einsum: what ``Linear.forward`` and the attention output
 projection do today; every dequantised value is exact in bf16 and fp32, so dequantising straight to
@@ -21,11 +27,13 @@ import triton
 import triton.language as tl
 
 from kernels.kv_records import _e8m0, e2m1_nibble
-from kernels.quant import fp8_block_dequantize, mxfp4_dequantize
+from kernels.kv_write import _e4m3_code, _e4m3_value, _pow2_scale_exponent
+from kernels.quant import ACT_AMAX_FLOOR, act_quant_fp8, fp8_block_dequantize, mxfp4_dequantize
 
 FORMATS = ("dense", "fp8", "fp4")  # the kernels' FMT constexpr is the index here
 FP8_BLOCK = 128
 FP4_BLOCK = 32
+ACT_BLOCK = 128  # activation channels per FP8 scale under act_quant
 
 BLOCK_N = 64
 BLOCK_K = 64  # divides the FP8 scale block (one scale column per K tile) and is a multiple of 32
@@ -100,8 +108,11 @@ def dequantize_weight(w: torch.Tensor, scale: torch.Tensor | None, fmt: str, dty
 
 
 def linear_torch(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str,
-                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``F.linear(x, dequant(w))`` in x's dtype, cast to ``out_dtype`` if given."""
+                 out_dtype: torch.dtype | None = None, act_quant: bool = False) -> torch.Tensor:
+    """``F.linear(x, dequant(w))`` in x's dtype (``act_quant``: of x rounded to FP8 per 128
+    channels), cast to ``out_dtype`` if given."""
+    if act_quant:
+        x = act_quant_fp8(x, ACT_BLOCK)
     y = F.linear(x, dequantize_weight(w, scale, fmt, x.dtype))
     return y if out_dtype is None else y.to(out_dtype)
 
@@ -143,7 +154,7 @@ def _grouped_linear_kernel(
     stride_xm, stride_xg, stride_xk,
     stride_wn, stride_wk, stride_sn, stride_sk,
     stride_om, stride_og, stride_on,
-    FMT: tl.constexpr, SCALE_F32: tl.constexpr, IEEE: tl.constexpr,
+    FMT: tl.constexpr, SCALE_F32: tl.constexpr, IEEE: tl.constexpr, ACT_QUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program per (M tile, N tile, group): out[m, g, n] = sum_k x[m, g, k] * W[g*O + n, k].
@@ -159,6 +170,8 @@ def _grouped_linear_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
         xt = tl.load(x_row + k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if ACT_QUANT:
+            xt = _act_quant_tile(xt, x_row, stride_xk, m_ok, k0, K, BLOCK_K)
         wt = load_weight_tile(w_ptr, s_ptr, rows, k.to(tl.int64)[None, :], n_ok[:, None] & k_ok[None, :],
                               stride_wn, stride_wk, stride_sn, stride_sk, FMT, SCALE_F32)
         # Activations stay in x's dtype (bf16 on the tensor cores; the decoded weights are exact in it).
@@ -168,6 +181,23 @@ def _grouped_linear_kernel(
             acc = tl.dot(xt, tl.trans(wt.to(xt.dtype)), acc)
     out = out_ptr + m.to(tl.int64)[:, None] * stride_om + g.to(tl.int64) * stride_og + n[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _act_quant_tile(xt, x_row, stride_xk, m_ok, k0, K, BLOCK_K: tl.constexpr):
+    """The x tile at columns [k0, k0 + BLOCK_K) rounded as ``act_quant_fp8``: e4m3 values times
+    2^ceil(log2(max(amax, 1e-4) / 448)), amax over each row's 128-channel block (BLOCK_K divides
+    128: the block is re-read for its amax). Exact in x's dtype (bf16 holds every e4m3 * 2^k)."""
+    cb = (k0 // 128) * 128 + tl.arange(0, 128)
+    block = tl.load(x_row + cb[None, :] * stride_xk, mask=m_ok[:, None] & (cb < K)[None, :], other=0.0)
+    amax = tl.maximum(tl.max(tl.abs(block.to(tl.float32)), axis=1), ACT_AMAX)
+    e = _pow2_scale_exponent(amax, 8, 0x600000)  # 448 = 1.75 * 2^8
+    scale = ((e + 127) << 23).to(tl.float32, bitcast=True)[:, None]
+    q = _e4m3_value(_e4m3_code(xt.to(tl.float32) / scale)) * scale
+    return q.to(xt.dtype)
+
+
+ACT_AMAX = tl.constexpr(ACT_AMAX_FLOOR)
 
 
 def kernel_weight_args(w: torch.Tensor, scale: torch.Tensor | None, fmt: str):
@@ -188,7 +218,7 @@ def _scale_strides(scale: torch.Tensor | None) -> tuple[int, int]:
 
 
 def grouped_linear_triton(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str,
-                          out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                          out_dtype: torch.dtype | None = None, act_quant: bool = False) -> torch.Tensor:
     """``x [M, G, K]`` against ``w`` (``G * O`` rows) -> ``[M, G, O]`` in ``out_dtype`` (default x's)."""
     M, G, K = x.shape
     O = weight_shape(w, fmt)[0] // G
@@ -201,13 +231,13 @@ def grouped_linear_triton(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor 
     grid = (triton.cdiv(M, block_m), triton.cdiv(O, BLOCK_N), G)
     _grouped_linear_kernel[grid](
         x, wk, sk, out, M, O, K, *x.stride(), *wk.stride(), *ss, *out.stride(),
-        FMT=code, SCALE_F32=scale_f32, IEEE=x.dtype == torch.float32,
+        FMT=code, SCALE_F32=scale_f32, IEEE=x.dtype == torch.float32, ACT_QUANT=act_quant,
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )
     return out
 
 
 def linear_triton(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  out_dtype: torch.dtype | None = None, act_quant: bool = False) -> torch.Tensor:
     """``x [M, K]`` -> ``[M, N]``: the grouped kernel with one group."""
-    return grouped_linear_triton(x[:, None], w, scale, fmt, out_dtype)[:, 0]
+    return grouped_linear_triton(x[:, None], w, scale, fmt, out_dtype, act_quant)[:, 0]

@@ -130,13 +130,13 @@ def _(best_scores, best_ids, scores, visible, c0, topk):
 
 @torch.library.custom_op("dsv4::linear", mutates_args=())
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str,
-           out_dtype: torch.dtype | None) -> torch.Tensor:
+           out_dtype: torch.dtype | None, act_quant: bool) -> torch.Tensor:
     impl = _gemm.linear_triton if use_triton(x) else _gemm.linear_torch
-    return impl(x, w, scale, fmt, out_dtype)
+    return impl(x, w, scale, fmt, out_dtype, act_quant)
 
 
 @linear.register_fake
-def _(x, w, scale, fmt, out_dtype):
+def _(x, w, scale, fmt, out_dtype, act_quant):
     return x.new_empty(x.shape[0], w.shape[0], dtype=out_dtype or x.dtype)
 
 
