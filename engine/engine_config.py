@@ -40,6 +40,9 @@ class EngineConfig:
     seed: int = 0
     compile: bool = False  # torch.compile(fullgraph=True) of the decode forward, any device
     enforce_eager: bool = False  # no CUDA graphs for decode on CUDA
+    # FP8-stored projections round their activations to FP8 per 128 channels first, as DeepSeek's
+    # reference inference does (spec §3.9). Off: transformers' numerics (unquantised activations).
+    fp8_activations: bool = False
     # Speculative decoding: drafts per running greedy sequence, verified in one target forward
     # (0 = off). "ngram" = prompt lookup (engine/worker/drafter.py); "mtp" = the checkpoint's
     # multi-token-prediction layer (engine/model/mtp.py), chained k times.

@@ -143,13 +143,14 @@ class EngineCore:
                                        enable_expert_parallel=cfg.enable_expert_parallel, seed=cfg.seed,
                                        speculative_method=cfg.speculative_method,
                                        speculative_tokens=cfg.speculative_tokens,
-                                       speculative_max_batch=cfg.speculative_max_batch)
+                                       speculative_max_batch=cfg.speculative_max_batch,
+                                       fp8_activations=cfg.fp8_activations)
         from engine.worker.model_runner import ModelRunner
 
         return ModelRunner(self.model_dir, self.model_config, self.dtype, self.device, seed=cfg.seed,
                            compile=cfg.compile, enforce_eager=cfg.enforce_eager,
                            speculative_method=cfg.speculative_method, speculative_tokens=cfg.speculative_tokens,
-                           speculative_max_batch=cfg.speculative_max_batch)
+                           speculative_max_batch=cfg.speculative_max_batch, fp8_activations=cfg.fp8_activations)
 
     @property
     def uses_mtp(self) -> bool:

@@ -103,6 +103,9 @@ def _add_serve(subparsers) -> None:
     engine.add_argument("--compile", action="store_true",
                         help="run decode steps through torch.compile(fullgraph=True) (any device)")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps on CUDA")
+    engine.add_argument("--fp8-activations", action="store_true",
+                        help="round activations to FP8 per 128 channels before FP8-weight GEMMs (DeepSeek's "
+                             "reference numerics; default: unquantised, as transformers)")
     engine.add_argument("--speculative-tokens", type=int, default=0,
                         help="draft tokens per greedy sequence, verified in one forward (0 = off)")
     engine.add_argument("--speculative-method", choices=("ngram", "mtp"), default="ngram",
@@ -205,7 +208,7 @@ def build_configs(args: argparse.Namespace):
         max_model_len=args.max_model_len,
         tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
         seed=args.seed, compile=args.compile, enforce_eager=args.enforce_eager,
-        speculative_tokens=args.speculative_tokens, speculative_method=args.speculative_method,
+        fp8_activations=args.fp8_activations, speculative_tokens=args.speculative_tokens, speculative_method=args.speculative_method,
         speculative_max_batch=args.speculative_max_batch)
     api_keys = tuple(args.api_keys) + ((os.environ["DSV4_API_KEY"],) if os.environ.get("DSV4_API_KEY") else ())
     if not api_keys and not args.allow_no_api_key and not _is_loopback(args.host):

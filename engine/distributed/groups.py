@@ -113,4 +113,4 @@ def build_runner(spec: ModelSpec, rank: int, device: torch.device, group: dist.P
     par = make_parallel(spec.tp_size, rank, spec.expert_parallel, spec.cfg.vocab_size, group)
     return runner_cls(spec.model_dir, spec.cfg, spec.dtype, device, par=par, seed=spec.seed,
                       speculative_method=spec.speculative_method, speculative_tokens=spec.speculative_tokens,
-                      speculative_max_batch=spec.speculative_max_batch, **kw)
+                      speculative_max_batch=spec.speculative_max_batch, fp8_activations=spec.fp8_activations, **kw)

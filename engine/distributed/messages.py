@@ -30,6 +30,7 @@ class ModelSpec:
     speculative_method: str = "ngram"  # "mtp": every rank holds the MTP layer and runs its passes
     speculative_tokens: int = 0
     speculative_max_batch: int = 32
+    fp8_activations: bool = False
 
 
 @dataclass

@@ -81,7 +81,7 @@ class ParallelModelRunner:
     def __init__(self, model_dir: str, cfg: ModelConfig, dtype: torch.dtype, device,
                  cache_shape: CacheShape | None = None, *, tp_size: int, enable_expert_parallel: bool = False,
                  seed: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S, speculative_method: str = "ngram",
-                 speculative_tokens: int = 0, speculative_max_batch: int = 32):
+                 speculative_tokens: int = 0, speculative_max_batch: int = 32, fp8_activations: bool = False):
         validate_parallel(cfg, tp_size, enable_expert_parallel)
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
@@ -107,7 +107,7 @@ class ParallelModelRunner:
             self._group = self._spawn(tp_size, timeout_s, device)
         self._group.join()
         spec = ModelSpec(model_dir, cfg, dtype, device.type, tp_size, enable_expert_parallel, seed,
-                         speculative_method, speculative_tokens, speculative_max_batch)
+                         speculative_method, speculative_tokens, speculative_max_batch, fp8_activations)
         self._group.send(Command("init", spec))
         runner, own_error = None, None
         try:

@@ -83,6 +83,7 @@ class Linear(nn.Module):
         self.register_buffer("qweight", None, persistent=False)
         self.register_buffer("qscale", None, persistent=False)
         self.qformat: str | None = None  # "fp8" | "fp4"
+        self.act_quant = False  # round activations to FP8 per 128 channels (set by the loader)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -120,7 +121,7 @@ class Linear(nn.Module):
         dtype = self.compute_dtype or self.dense.dtype
         if fmt == "dense" and w.dtype != dtype:
             w = w.to(dtype)
-        return kernels.linear(x.to(dtype), w, scale, fmt)
+        return kernels.linear(x.to(dtype), w, scale, fmt, act_quant=self.act_quant)
 
 
 def model_rotaries(cfg: ModelConfig) -> dict[str, Rotary]:

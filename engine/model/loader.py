@@ -221,11 +221,13 @@ def _load_merged_experts(reader: CheckpointReader, names: set[str], model: Deeps
 
 
 def load_weights(model: DeepseekV4, model_dir: str, keep_dense: bool = True,
-                 shard: Callable[[str], Split | None] | None = None) -> dict:
+                 shard: Callable[[str], Split | None] | None = None, fp8_activations: bool = False) -> dict:
     """Fill ``model`` from ``model_dir``. Returns a small report (counts, skipped names).
 
-    ``keep_dense`` dequantises FP8/FP4 weights once at load (fast on CPU); otherwise layers keep
-    the quantised tensors and dequantise per call (memory-lean, for kernels to consume).
+    ``keep_dense`` dequantises FP8/FP4 weights once at load (the torch path's dense matmuls);
+    otherwise layers keep the stored tensors, which the GEMM kernels decode in registers.
+    ``fp8_activations``: layers whose checkpoint weight is FP8 round their activations to FP8
+    per 128 channels (``kernels.linear(act_quant=True)``), with either storage.
     ``shard(name)`` gives the part of each official tensor this rank holds (tensor parallel);
     by default the model's own ``Parallel.split_for``. Only that part is read from disk
     (safetensors slices), quantised tensors together with the matching scale rows/columns."""
@@ -277,6 +279,7 @@ def load_weights(model: DeepseekV4, model_dir: str, keep_dense: bool = True,
                 tensor, scale = _read(reader, name, shard(name)), None
             if target.linear is not None:
                 _load_linear(target.linear, tensor, scale, keep_dense, name)
+                target.linear.act_quant = fp8_activations and tensor.dtype == torch.float8_e4m3fn
                 n_quant += scale is not None
             elif target.expert is not None:
                 _load_expert(*target.expert, tensor, scale, keep_dense)

@@ -47,7 +47,7 @@ class ModelRunner:
     def __init__(self, model_dir: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                  par: Parallel | None = None, seed: int = 0, shard_loader=None, compile: bool = False,
                  enforce_eager: bool = False, speculative_method: str = "ngram", speculative_tokens: int = 0,
-                 speculative_max_batch: int = 32):
+                 speculative_max_batch: int = 32, fp8_activations: bool = False):
         self.cfg, self.dtype, self.device = cfg, dtype, device
         # MTP drafting runs the checkpoint's MTP layer after every step (MtpDrafting below).
         self.mtp = MtpDrafting(speculative_tokens, speculative_max_batch) \
@@ -56,7 +56,7 @@ class ModelRunner:
         # The torch path dequantises once at load (dense matmuls); the kernel path keeps the stored
         # FP8/FP4 form, which its GEMMs read in place.
         keep_dense = kernels.backend_for_device(device) == "torch"
-        load_weights(self.model, model_dir, keep_dense=keep_dense, shard=shard_loader)
+        load_weights(self.model, model_dir, keep_dense=keep_dense, shard=shard_loader, fp8_activations=fp8_activations)
         self.model.to(device)
         self.cache: KVCache | None = None  # allocated once the KV budget is known
         self.builder: BatchBuilder | None = None
