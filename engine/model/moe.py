@@ -2,10 +2,10 @@
 top-k layers (sqrt-softplus scores, bias-corrected selection), plus one shared expert.
 
 Routed experts are stored stacked (the merged checkpoint form): ``gate_up [E, 2I, D]`` (w1 rows
-then w3 rows) and ``down [E, D, I]``. The forward sorts the (token, expert) assignments by
-expert into fixed-size tiles, each tile owned by one expert (the layout a grouped GEMM kernel
-consumes), and runs every tile in one batched matmul: no per-expert Python loop, no host sync,
-shapes fixed by the number of tokens.
+then w3 rows) and ``down [E, D, I]``, or each part in its stored FP8 / MXFP4 form. Routing
+(``kernels.moe_route``) and the experts (``kernels.moe_experts``: per-assignment kernels at
+decode, assignments sorted into per-expert tiles for prefill; the torch twin batches the tiles)
+run on fused ops: no per-expert Python loop, no host sync, shapes fixed by the number of tokens.
 
 Expert parallelism: a rank owns experts ``[expert_start, expert_end)``; assignments to other
 ranks' experts get weight zero here and the partial outputs are summed by an all-reduce in the
