@@ -26,8 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.kv_records import _e8m0, e2m1_nibble
-from kernels.kv_write import _e4m3_code, _e4m3_value, _pow2_scale_exponent
+from kernels.kv_records import _e8m0, e2m1_nibble, e4m3_code, e4m3_value, pow2_scale_exponent
 from kernels.quant import ACT_AMAX_FLOOR, act_quant_fp8, fp8_block_dequantize, mxfp4_dequantize
 
 FORMATS = ("dense", "fp8", "fp4")  # the kernels' FMT constexpr is the index here
@@ -191,9 +190,9 @@ def _act_quant_tile(xt, x_row, stride_xk, m_ok, k0, K, BLOCK_K: tl.constexpr):
     cb = (k0 // 128) * 128 + tl.arange(0, 128)
     block = tl.load(x_row + cb[None, :] * stride_xk, mask=m_ok[:, None] & (cb < K)[None, :], other=0.0)
     amax = tl.maximum(tl.max(tl.abs(block.to(tl.float32)), axis=1), ACT_AMAX)
-    e = _pow2_scale_exponent(amax, 8, 0x600000)  # 448 = 1.75 * 2^8
+    e = pow2_scale_exponent(amax, 8, 0x600000)  # 448 = 1.75 * 2^8
     scale = ((e + 127) << 23).to(tl.float32, bitcast=True)[:, None]
-    q = _e4m3_value(_e4m3_code(xt.to(tl.float32) / scale)) * scale
+    q = e4m3_value(e4m3_code(xt.to(tl.float32) / scale)) * scale
     return q.to(xt.dtype)
 
 

@@ -1,4 +1,6 @@
-"""Reading the paged KV pools' packed records, in Triton (inside kernels) and in plain torch (twins).
+"""Reading the paged KV pools' packed records, in Triton (inside kernels) and in plain torch (twins),
+and the exact FP8 roundings (scale exponent, e4m3 code and value) the writers and the FP8-activation
+GEMM share.
 
 The layouts are the cache's (engine/worker/kv_cache.py, spec §4.2); ``kernels`` cannot import the
 engine, so they are restated here and the tests check both sides against the engine's codecs:
@@ -86,6 +88,43 @@ def e2m1_nibble(b, d):
     m = (code & 1).to(tl.float32)
     mag = tl.where(e == 0, m * 0.5, (2.0 + m) * (1 << e).to(tl.float32) * 0.25)
     return tl.where((nib & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def pow2_scale_exponent(amax, MAX_EXP: tl.constexpr, MAX_MANT: tl.constexpr):
+    """``kernels.quant._pow2_scale_exponent``: the smallest k with ``amax <= max_code * 2^k``,
+    ``max_code = (1 + MAX_MANT / 2^23) * 2^MAX_EXP``; amax 0 -> -127; clamped to [-127, 127].
+    From the amax's bits: torch's ``fl(amax / max_code)`` crosses a power of two exactly where
+    amax crosses ``max_code`` times it (448 = 1.75 * 2^8, 6 = 1.5 * 2^2: the next float above
+    the product already rounds past the power of two). One float differs: an FP4 amax one ulp
+    above 6 * 2^-127, whose subnormal ratio torch rounds down (no real key gets near it)."""
+    bits = amax.to(tl.int32, bitcast=True)
+    k = (bits >> 23) - 127 - MAX_EXP + ((bits & 0x7FFFFF) > MAX_MANT).to(tl.int32)
+    k = tl.where(amax == 0.0, -127, k)
+    return tl.minimum(tl.maximum(k, -127), 127)
+
+
+@triton.jit
+def e4m3_code(s):
+    """|s| <= 448 -> its float8_e4m3fn byte (as int32), round to nearest even: c10's
+    ``fp8e4m3fn_from_fp32_value`` step for step (sign from the sign bit: -0 -> 0x80)."""
+    bits = s.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = tl.abs(s)
+    abits = a.to(tl.int32, bitcast=True)
+    sub = (a + 16384.0).to(tl.int32, bitcast=True) - (141 << 23)  # 2^14: its ulp is e4m3's 2^-9
+    normal = (abits + ((7 - 127) << 23) + 0x7FFFF + ((abits >> 20) & 1)) >> 20
+    return tl.where(abits < (121 << 23), sub, normal) | sign
+
+
+@triton.jit
+def e4m3_value(code):
+    """float8_e4m3fn byte (int32) -> float32 (the decode of ``kv_records.load_fp8_entry``)."""
+    e = (code >> 3) & 15
+    m = code & 7
+    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, (8 + m).to(tl.float32) * ((e + 117) << 23).to(
+        tl.float32, bitcast=True))  # 2^(e - 10)
+    return tl.where((code & 128) != 0, -mag, mag)
 
 
 # ---- torch twins ------------------------------------------------------------------------

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_records import FP4_KEY, FP4_SCALE_BLOCK, FP8_ENTRY, FP8_SCALE_BLOCK, PLAIN, _e8m0, e2m1_nibble
+from kernels.kv_records import (FP4_KEY, FP4_SCALE_BLOCK, FP8_ENTRY, FP8_SCALE_BLOCK, PLAIN, _e8m0, e2m1_nibble, e4m3_code,
+                                e4m3_value, pow2_scale_exponent)
 from kernels.quant import (fp4_block_dequantize, fp4_block_quantize, fp8_kv_dequantize, fp8_kv_quantize,
                           hadamard_rotate)
 from kernels.torch_math import apply_rope, rms_norm
@@ -256,20 +257,6 @@ def _cast_out(v, ty, KIND: tl.constexpr):
 
 
 @triton.jit
-def _pow2_scale_exponent(amax, MAX_EXP: tl.constexpr, MAX_MANT: tl.constexpr):
-    """``kernels.quant._pow2_scale_exponent``: the smallest k with ``amax <= max_code * 2^k``,
-    ``max_code = (1 + MAX_MANT / 2^23) * 2^MAX_EXP``; amax 0 -> -127; clamped to [-127, 127].
-    From the amax's bits: torch's ``fl(amax / max_code)`` crosses a power of two exactly where
-    amax crosses ``max_code`` times it (448 = 1.75 * 2^8, 6 = 1.5 * 2^2: the next float above
-    the product already rounds past the power of two). One float differs: an FP4 amax one ulp
-    above 6 * 2^-127, whose subnormal ratio torch rounds down (no real key gets near it)."""
-    bits = amax.to(tl.int32, bitcast=True)
-    k = (bits >> 23) - 127 - MAX_EXP + ((bits & 0x7FFFFF) > MAX_MANT).to(tl.int32)
-    k = tl.where(amax == 0.0, -127, k)
-    return tl.minimum(tl.maximum(k, -127), 127)
-
-
-@triton.jit
 def _block_exponents(a, BLOCK_D: tl.constexpr, SB: tl.constexpr, MAX_EXP: tl.constexpr, MAX_MANT: tl.constexpr,
                      FLOOR: tl.constexpr):
     """Per block of ``SB`` lanes of ``a = |v|`` (0 off the quantised dims): the scale exponents
@@ -277,32 +264,9 @@ def _block_exponents(a, BLOCK_D: tl.constexpr, SB: tl.constexpr, MAX_EXP: tl.con
     amax = tl.max(tl.reshape(a, [BLOCK_D // SB, SB]), axis=1)
     if FLOOR > 0.0:
         amax = tl.maximum(amax, FLOOR)
-    k = _pow2_scale_exponent(amax, MAX_EXP, MAX_MANT)
+    k = pow2_scale_exponent(amax, MAX_EXP, MAX_MANT)
     k_lanes = tl.reshape(tl.broadcast_to(k[:, None], [BLOCK_D // SB, SB]), [BLOCK_D])
     return k, k_lanes
-
-
-@triton.jit
-def _e4m3_code(s):
-    """|s| <= 448 -> its float8_e4m3fn byte (as int32), round to nearest even: c10's
-    ``fp8e4m3fn_from_fp32_value`` step for step (sign from the sign bit: -0 -> 0x80)."""
-    bits = s.to(tl.int32, bitcast=True)
-    sign = (bits >> 24) & 0x80
-    a = tl.abs(s)
-    abits = a.to(tl.int32, bitcast=True)
-    sub = (a + 16384.0).to(tl.int32, bitcast=True) - (141 << 23)  # 2^14: its ulp is e4m3's 2^-9
-    normal = (abits + ((7 - 127) << 23) + 0x7FFFF + ((abits >> 20) & 1)) >> 20
-    return tl.where(abits < (121 << 23), sub, normal) | sign
-
-
-@triton.jit
-def _e4m3_value(code):
-    """float8_e4m3fn byte (int32) -> float32 (the decode of ``kv_records.load_fp8_entry``)."""
-    e = (code >> 3) & 15
-    m = code & 7
-    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, (8 + m).to(tl.float32) * ((e + 117) << 23).to(
-        tl.float32, bitcast=True))  # 2^(e - 10)
-    return tl.where((code & 128) != 0, -mag, mag)
 
 
 @triton.jit
@@ -333,7 +297,7 @@ def _fp8_quantize(v, d, NOPE, BLOCK_D: tl.constexpr, SB: tl.constexpr):
     k, k_lanes = _block_exponents(tl.where(d < NOPE, tl.abs(v), 0.0), BLOCK_D, SB, 8, 0x600000, 1e-4)
     s = v * _e8m0(127 - k_lanes)  # / 2^k, exact
     s = tl.minimum(tl.maximum(s, -448.0), 448.0)
-    return _e4m3_code(s), k, k_lanes
+    return e4m3_code(s), k, k_lanes
 
 
 @triton.jit
@@ -393,7 +357,7 @@ def _norm_rope_kernel(
         y = tl.where(is_rope, _round_to(y * c + rotated_half * s, KIND), y)
     if FMT == 1:  # FP8_ENTRY: e4m3 * 2^k on the nope dims, bf16 on the rope dims
         code, k, k_lanes = _fp8_quantize(y, d, nope, BLOCK_D, SB)
-        y = tl.where(d < nope, _e4m3_value(code) * _e8m0(k_lanes + 127), _round_to(_rne_bf16(y), KIND))
+        y = tl.where(d < nope, e4m3_value(code) * _e8m0(k_lanes + 127), _round_to(_rne_bf16(y), KIND))
     elif FMT == 2:  # FP4_KEY: the rotated key's e2m1 * 2^k
         code, k, k_lanes = _fp4_quantize(y, BLOCK_D, LOG_D, rot_scale, KIND, SB)
         y = e2m1_nibble(code, 0) * _e8m0(k_lanes + 127)

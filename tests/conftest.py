@@ -37,3 +37,12 @@ def hf_saved_dirs(tmp_path_factory):
         build_hf_model(name, seed=3).save_pretrained(d)
         dirs[name] = d
     return dirs
+
+
+@pytest.fixture(autouse=True)
+def _twin_backend(monkeypatch):
+    """In-process tests run the kernels' torch twins whatever DSV4_KERNELS the caller exported;
+    the interpreted parity scripts set it in their own subprocess's environment."""
+    from kernels.policy import BACKEND_ENV
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)

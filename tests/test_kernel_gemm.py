@@ -79,10 +79,6 @@ def _stored(wd, fmt):
     return ns["stored"](wd, fmt)
 
 
-@pytest.fixture(autouse=True)
-def _twin_backend(monkeypatch):
-    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
-
 
 def _engine_linear(wd, fmt, dtype, compute_dtype=None):
     layer = Linear(wd.shape[1], wd.shape[0], dtype, compute_dtype)

@@ -233,10 +233,6 @@ PARITY_SCRIPT = SETUP + f"NORM_ROPE_CASES = {NORM_ROPE_CASES!r}\n" + f"STORE_CAS
 """)
 
 
-@pytest.fixture(autouse=True)
-def _twin_backend(monkeypatch):
-    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
-
 
 def test_triton_matches_torch_twin_under_interpreter():
     assert_interpreted_script_passes(PARITY_SCRIPT, timeout=600, DSV4_KERNELS="triton")

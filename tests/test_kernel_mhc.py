@@ -118,10 +118,6 @@ PARITY_SCRIPT = SETUP + textwrap.dedent("""
 """)
 
 
-@pytest.fixture(autouse=True)
-def _twin_backend(monkeypatch):
-    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
-
 
 def test_triton_matches_torch_twin_under_interpreter():
     assert_interpreted_script_passes(PARITY_SCRIPT, timeout=240, DSV4_KERNELS="triton")

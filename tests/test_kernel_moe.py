@@ -89,10 +89,6 @@ def test_triton_matches_twin_under_interpreter():
     assert_interpreted_script_passes(PARITY_SCRIPT, timeout=180, DSV4_KERNELS="triton")
 
 
-@pytest.fixture(autouse=True)
-def _twin_backend(monkeypatch):
-    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
-
 
 def _quantize(w, fmt):
     return fp8_block_quantize(w) if fmt == "fp8" else mxfp4_quantize(w)

@@ -42,10 +42,6 @@ def _sparse_op_args(base, kw):
             kw.get("ratio", 0), kw.get("num_entries"), base[6].shape[1] - 1)  # a ring with one row of slack
 
 
-@pytest.fixture(autouse=True)
-def _twin_backend(monkeypatch):
-    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
-
 
 def test_sink_attention_op_passes_opcheck():
     torch.library.opcheck(torch.ops.dsv4.sink_attention.default, _sink_args())

@@ -166,7 +166,8 @@ class Attention(nn.Module):
         if kernels.backend_for(q) == "triton":  # keys read in place, inverse RoPE in the kernel
             out = self._attend_in_place(q, kv, batch, cache, tables, index_q, reduce, cos, sin)
         else:
-            out = apply_rope(self._attend_gathered(q, kv, batch, cache, index_q, reduce), cos, sin, inverse=True)
+            out = apply_rope(self._attend_gathered(q, kv, batch, cache, tables, index_q, reduce), cos, sin,
+                             inverse=True)
         # Stored after every read: the ring may wrap.
         cache.store_window(self.layer, tables.window_slots, tables.window_rows, kv)
         # Grouped output projection: group g = heads [g*hpg, (g+1)*hpg) → o_lora_rank each.
@@ -174,14 +175,15 @@ class Attention(nn.Module):
         y = self.wo_b(z)
         return reduce(y) if reduce is not None else y
 
-    def _attend_gathered(self, q, kv, batch: ForwardBatch, cache: KVCache, index_q, reduce) -> torch.Tensor:
+    def _attend_gathered(self, q, kv, batch: ForwardBatch, cache: KVCache, tables: StepTables, index_q,
+                         reduce) -> torch.Tensor:
         """The torch path: keys gathered per query block, then ``kernels.sink_attention``."""
         outs = []
         for tile in batch.query_tiles(self._query_block(batch)):
             rows = tile.rows
             keys, mask = self._window_keys(rows, kv, batch, cache)
             if self.compressor is not None:
-                ckeys, cmask = self._compressed_keys(tile, batch, cache, index_q, reduce)
+                ckeys, cmask = self._compressed_keys(tile, batch, cache, tables, index_q, reduce)
                 keys = torch.cat([keys, ckeys.to(keys.dtype)], dim=1)
                 mask = torch.cat([mask, cmask], dim=1)
             outs.append(sink_attention(q[rows], keys, mask, self.attn_sink, self.softmax_scale))
@@ -238,23 +240,24 @@ class Attention(nn.Module):
         ring = cache.gather_window(self.layer, batch.window_slots[seq], kpos)
         return torch.where(in_step, step, ring.to(kv.dtype)), kpos >= 0
 
-    def _compressed_keys(self, tile: QueryTile, batch: ForwardBatch, cache: KVCache, index_q, reduce):
+    def _compressed_keys(self, tile: QueryTile, batch: ForwardBatch, cache: KVCache, step: StepTables, index_q,
+                         reduce):
         """Compressed keys ``[Q, K, D]`` and mask: the indexer's top-k entries on CSA layers,
         every entry on HCA layers (masked to those completed at the query's position)."""
         m, rows = self.ratio, tile.rows
-        seq, pos = batch.seq_ids[rows], batch.positions[rows]
+        seq = batch.seq_ids[rows]
         tables = batch.tables(m)[seq]
-        visible = (pos + 1) // m
+        visible = step.visible[m][rows]
         n = batch.max_entries(m)
         if self.indexer is None:
-            ids = torch.arange(n, device=pos.device).expand(pos.shape[0], -1)
+            ids = torch.arange(n, device=seq.device).expand(seq.shape[0], -1)
             valid = ids < visible[:, None]
             pool = cache.c128_kv[self.layer]
         else:
             idx_pool, seq_tables = cache.c4_idx[self.layer], batch.c4_tables[tile.seqs]
 
             def keys_of(c0: int, c1: int) -> torch.Tensor:  # [n_seqs, c1 - c0, d]: once per sequence
-                entries = torch.arange(c0, c1, device=pos.device).expand(tile.n_seqs, -1)
+                entries = torch.arange(c0, c1, device=seq.device).expand(tile.n_seqs, -1)
                 return cache.gather_entries(idx_pool, seq_tables, entries)
 
             ids, valid = self.indexer.select(index_q[0][rows], index_q[1][rows], visible, n, keys_of,

@@ -11,7 +11,7 @@ from torch import nn
 
 from engine.model.config import ModelConfig, YarnParams
 import kernels
-from kernels.torch_math import apply_rope, rms_norm, swiglu  # noqa: F401  (the model's names for them)
+from kernels.torch_math import apply_rope, rms_norm  # noqa: F401  (the model's names for them)
 
 
 class RMSNorm(nn.Module):
